@@ -1,0 +1,140 @@
+"""Base classes for attention feature maps φ.
+
+Shape legend: B batch, N heads, L tokens (T queries or S keys), H key dim, M random features,
+F output features of the map (M, 2M or H depending on the map).
+
+A feature map turns queries and keys into non-negative (or, for the trigonometric baseline, signed)
+features so that softmax-like attention becomes D⁻¹ φ(Q) (φ(K)ᵀ V). Maps receive tensors in the
+head-major layout (B, N, L, H), in float32, and return (B, N, L, F) in float32.
+"""
+
+import keras
+from keras import ops
+
+
+def _scaled_projection(projection_matrix, key_dim):
+    # Folding the H^(-1/4) input scaling into ω once costs O(M·H) instead of a pass over the data.
+    return ops.cast(projection_matrix, "float32") * (float(key_dim) ** -0.25)
+
+
+@keras.saving.register_keras_serializable(package="keras_favor")
+class FeatureMap:
+    """Base class of feature maps; subclass it for a map of your own.
+
+    A simple map overrides `features(x, projection_matrix, is_query)` (and `output_dim`, and
+    `uses_random_features` if it consumes a projection). Maps whose query and key features interact
+    (stabilisers, data-dependent parameters) override `__call__` instead. Register a subclass with
+    `keras.saving.register_keras_serializable` and give it a complete `get_config` so that models
+    using it save and load.
+
+    Example:
+
+    >>> @keras.saving.register_keras_serializable(package="my_maps")
+    ... class Squared(FeatureMap):
+    ...     def features(self, x, projection_matrix=None, *, is_query):
+    ...         return ops.square(x) + 1e-3
+    """
+
+    @property
+    def uses_random_features(self):
+        """Whether the map consumes a random projection matrix ω of shape (M, H)."""
+        return False
+
+    def output_dim(self, key_dim, num_random_features=None):
+        """The number of features F the map returns for key dim H and M random features."""
+        return key_dim
+
+    def features(self, x, projection_matrix=None, *, is_query):
+        """Features of x (..., H) → (..., F). Override this for a simple, per-token map."""
+        raise NotImplementedError(
+            f"{type(self).__name__} must override `features` (or `__call__`)."
+        )
+
+    def __call__(self, query, key, projection_matrix=None, *, causal=False, key_mask=None):
+        """Query and key features.
+
+        Args:
+            query: (B, N, T, H) float32.
+            key: (B, N, S, H) float32.
+            projection_matrix: (M, H) or None.
+            causal: whether the features feed causal attention (no statistic may use later tokens).
+            key_mask: (B, 1, S, 1) float32, 1 for real keys and 0 for padding, or None. The caller
+                zeroes padded keys afterwards; a map only needs it for statistics over keys.
+
+        Returns:
+            (B, N, T, F) query features and (B, N, S, F) key features, float32.
+        """
+        return (
+            self.features(query, projection_matrix, is_query=True),
+            self.features(key, projection_matrix, is_query=False),
+        )
+
+    def get_config(self):
+        return {}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+    def __repr__(self):
+        args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
+        return f"{type(self).__name__}({args})"
+
+
+class ExponentialFeatureMap(FeatureMap):
+    """Random features of the softmax kernel of the form exp(logits).
+
+    Subclasses give the logits; this class applies the stabilisers, which cancel exactly in the
+    normalised attention:
+
+    - queries: the per-query max over features is subtracted (a per-query constant);
+    - keys, non-causal: the max over all real (unpadded) keys and features of each (batch, head);
+    - keys, causal: a data-independent upper bound of every key logit, computed from ω alone, so no
+      key can change how another is scaled: future tokens cannot leak, and a decoding state needs
+      no running maximum. It guarantees no overflow; keys whose largest logit lies more than ~87
+      below the bound (very large key norms, where FAVOR's variance is huge anyway) underflow.
+    """
+
+    @property
+    def uses_random_features(self):
+        return True
+
+    def output_dim(self, key_dim, num_random_features=None):
+        return num_random_features
+
+    def parameters(self, query, key, projection_matrix, *, causal, key_mask):
+        """Data-dependent parameters shared by the query and key logits (None by default)."""
+        return None
+
+    def logits(self, x, w, params, *, is_query):
+        """Logits (B, N, L, F) of x (B, N, L, H) with w = ω·H^(-1/4).
+
+        Query logits may drop any per-query additive constant (the stabiliser removes it anyway).
+        """
+        raise NotImplementedError
+
+    def logit_bound(self, w, params):
+        """An upper bound of every key logit that depends on ω (and params) only."""
+        raise NotImplementedError
+
+    def __call__(self, query, key, projection_matrix=None, *, causal=False, key_mask=None):
+        key_dim = query.shape[-1]
+        w = _scaled_projection(projection_matrix, key_dim)  # (M, H)
+        params = self.parameters(query, key, w, causal=causal, key_mask=key_mask)
+        q_logits = self.logits(query, w, params, is_query=True)  # (B, N, T, F)
+        k_logits = self.logits(key, w, params, is_query=False)  # (B, N, S, F)
+        q_shift = ops.stop_gradient(ops.max(q_logits, axis=-1, keepdims=True))  # (B, N, T, 1)
+        if causal:
+            k_shift = ops.stop_gradient(self.logit_bound(w, params))
+        else:
+            valid = k_logits if key_mask is None else ops.where(key_mask > 0, k_logits, -float("inf"))
+            k_shift = ops.max(valid, axis=(2, 3), keepdims=True)  # (B, N, 1, 1)
+            # Every key padded: no shift (the features are zeroed by the caller anyway).
+            k_shift = ops.stop_gradient(ops.where(ops.isfinite(k_shift), k_shift, 0.0))
+        return ops.exp(q_logits - q_shift), ops.exp(k_logits - k_shift)
+
+
+def half_squared_norm(x):
+    """‖x·H^(-1/4)‖² / 2 for x (..., H), keepdims: the −‖x‖²/2 term of softmax features."""
+    key_dim = x.shape[-1]
+    return ops.sum(ops.square(x), axis=-1, keepdims=True) * (0.5 / float(key_dim) ** 0.5)

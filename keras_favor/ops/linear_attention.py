@@ -1,0 +1,281 @@
+"""Linear (random-feature) attention: non-causal, exact chunked causal, and one decoding step.
+
+Shape legend: B batch, T query length, S key length, N heads, H key dim, D value dim,
+M random features, F output features of the feature map, C chunk, K number of chunks.
+
+All three compute D⁻¹ φ(Q) (φ(K)ᵀ V) in float32 without forming a T×S matrix; outputs come back in
+the dtype of `query`. Internally the head-major layout (B, N, L, ·) turns every contraction into a
+plain batched matmul. The normaliser rides along as an extra all-ones value column, so numerator
+and normaliser come out of the same matmuls.
+"""
+
+from keras import ops
+
+from keras_favor import feature_maps as feature_maps_lib
+from keras_favor.ops.random_features import _positive_int
+
+DEFAULT_CHUNK_SIZE = 128
+
+
+def _static_rank_check(x, rank, name, layout):
+    if len(x.shape) != rank:
+        raise ValueError(
+            f"Argument `{name}` must have rank {rank} {layout}. "
+            f"Received: {name}.shape={tuple(x.shape)}"
+        )
+
+
+def _check_dim(a, b, what):
+    if a is not None and b is not None and a != b:
+        raise ValueError(what)
+
+
+def _check_projection(feature_map, projection_matrix, key_dim):
+    if feature_map.uses_random_features:
+        if projection_matrix is None:
+            raise ValueError(
+                f"feature_map={feature_map!r} uses random features: argument "
+                "`projection_matrix` of shape (num_random_features, key_dim) is required. "
+                "Received: projection_matrix=None"
+            )
+        shape = tuple(projection_matrix.shape)
+        if len(shape) != 2 or (key_dim is not None and shape[1] != key_dim):
+            raise ValueError(
+                f"Argument `projection_matrix` must have shape (num_random_features, {key_dim}) "
+                f"to match the key dim of `query` and `key`. Received: projection_matrix.shape={shape}"
+            )
+    elif projection_matrix is not None:
+        raise ValueError(
+            f"feature_map={feature_map!r} uses no random features, so `projection_matrix` must be "
+            f"None. Received: projection_matrix.shape={tuple(projection_matrix.shape)}"
+        )
+
+
+def _to_heads_first(x):
+    return ops.transpose(ops.cast(x, "float32"), (0, 2, 1, 3))  # (B, L, N, ·) -> (B, N, L, ·)
+
+
+def _with_ones_column(value):
+    # (B, N, S, D) -> (B, N, S, D+1): the last column accumulates the normaliser.
+    ones = ops.ones_like(value[..., :1])
+    return ops.concatenate([value, ones], axis=-1)
+
+
+def _normalise(out):
+    # (..., D+1) -> (..., D). Only an all-zero feature row gives a zero normaliser (padded or fully
+    # underflowed positions); their numerator is zero too, and the output is 0 instead of NaN.
+    num, den = out[..., :-1], out[..., -1:]
+    return num / ops.where(ops.equal(den, 0.0), 1.0, den)
+
+
+def _non_causal(q_feat, k_feat, v1):
+    kv = ops.matmul(ops.transpose(k_feat, (0, 1, 3, 2)), v1)  # (B, N, F, D+1)
+    return ops.matmul(q_feat, kv)  # (B, N, T, D+1)
+
+
+def _causal_chunked(q_feat, k_feat, v1, chunk_size):
+    length = q_feat.shape[2]
+    if length is not None:
+        chunk_size = max(1, min(chunk_size, length))  # short inputs: one chunk, no padding
+        num_chunks = -(-length // chunk_size)
+        pad = num_chunks * chunk_size - length
+    else:
+        length = ops.shape(q_feat)[2]
+        num_chunks = (length + chunk_size - 1) // chunk_size
+        pad = num_chunks * chunk_size - length
+    batch, heads = ops.shape(q_feat)[0], ops.shape(q_feat)[1]
+    feat_dim, val_dim = q_feat.shape[-1], v1.shape[-1]
+
+    def chunks(x, width):
+        # Zero padding at the end: padded keys add nothing, padded queries are sliced off.
+        x = ops.pad(x, [[0, 0], [0, 0], [0, pad], [0, 0]])
+        return ops.reshape(x, (batch, heads, num_chunks, chunk_size, width))  # (B, N, K, C, ·)
+
+    qc, kc, vc = chunks(q_feat, feat_dim), chunks(k_feat, feat_dim), chunks(v1, val_dim)
+    kc_t = ops.transpose(kc, (0, 1, 2, 4, 3))  # (B, N, K, F, C)
+    kv = ops.matmul(kc_t, vc)  # (B, N, K, F, D+1): each chunk's φ(K)ᵀV
+    # Exclusive prefix sum over chunks: the state every chunk starts from.
+    state = ops.cumsum(kv, axis=2)
+    state = ops.concatenate([ops.zeros_like(state[:, :, :1]), state[:, :, :-1]], axis=2)
+    inter = ops.matmul(qc, state)  # (B, N, K, C, D+1)
+    scores = ops.matmul(qc, kc_t)  # (B, N, K, C, C), within a chunk only
+    causal_mask = ops.tril(ops.ones((chunk_size, chunk_size), dtype="float32"))
+    intra = ops.matmul(scores * causal_mask, vc)  # (B, N, K, C, D+1)
+    out = ops.reshape(inter + intra, (batch, heads, num_chunks * chunk_size, val_dim))
+    return out[:, :, :length]
+
+
+def _validate_qkv(query, key, value):
+    _static_rank_check(query, 4, "query", "(batch, query_length, num_heads, key_dim)")
+    _static_rank_check(key, 4, "key", "(batch, key_length, num_heads, key_dim)")
+    _static_rank_check(value, 4, "value", "(batch, key_length, num_heads, value_dim)")
+    qs, ks, vs = tuple(query.shape), tuple(key.shape), tuple(value.shape)
+    _check_dim(
+        qs[-1], ks[-1],
+        f"The key dim of `query` and `key` must match. Received: query.shape={qs}, key.shape={ks}",
+    )
+    _check_dim(
+        ks[1], vs[1],
+        f"`key` and `value` must have the same length. Received: key.shape={ks}, value.shape={vs}",
+    )
+    for name, shape in (("key", ks), ("value", vs)):
+        _check_dim(
+            qs[0], shape[0],
+            f"`query` and `{name}` must have the same batch size. "
+            f"Received: query.shape={qs}, {name}.shape={shape}",
+        )
+        _check_dim(
+            qs[2], shape[2],
+            f"`query` and `{name}` must have the same number of heads. "
+            f"Received: query.shape={qs}, {name}.shape={shape}",
+        )
+
+
+def favor_attention(
+    query,
+    key,
+    value,
+    feature_map="softmax_positive",
+    projection_matrix=None,
+    *,
+    causal=False,
+    key_padding_mask=None,
+    chunk_size=DEFAULT_CHUNK_SIZE,
+):
+    """Random-feature attention D⁻¹ φ(Q) (φ(K)ᵀ V), in time and memory linear in length.
+
+    Args:
+        query: (B, T, N, H).
+        key: (B, S, N, H).
+        value: (B, S, N, D).
+        feature_map: a name, config dict or `FeatureMap` (see `keras_favor.feature_maps`).
+        projection_matrix: (M, H) random features ω for maps that use them, else None.
+        causal: position t attends to keys 0..t only (requires T == S). Computed exactly by
+            chunks: within a chunk, a masked C×C product; across chunks, an exclusive prefix sum of
+            the per-chunk states φ(K_c)ᵀV_c. Time O(L·C·F + L·F·D), memory O((L/C)·F·D).
+        key_padding_mask: (B, S), True (or 1) for real keys. Padded keys are removed from the
+            numerator and the normaliser, so padding equals truncation.
+        chunk_size: C for causal attention, a positive int (lengths need not be multiples of it).
+
+    Returns:
+        (B, T, N, D) in the dtype of `query`.
+
+    Example:
+
+    >>> import numpy as np
+    >>> from keras_favor.ops import random_features_matrix
+    >>> q = k = v = np.random.randn(2, 10, 4, 16).astype("float32")
+    >>> w = random_features_matrix(64, 16, seed=1)
+    >>> tuple(favor_attention(q, k, v, "softmax_positive", w, causal=True).shape)
+    (2, 10, 4, 16)
+
+    References:
+        Choromanski et al., Rethinking Attention with Performers, arXiv 2009.14794.
+    """
+    feature_map = feature_maps_lib.get(feature_map)
+    _positive_int(chunk_size, "chunk_size")
+    if not isinstance(causal, bool):
+        raise ValueError(f"Argument `causal` must be a bool. Received: causal={causal!r}")
+    _validate_qkv(query, key, value)
+    qs, ks = tuple(query.shape), tuple(key.shape)
+    if causal:
+        _check_dim(
+            qs[1], ks[1],
+            "Causal attention needs queries and keys of the same length. "
+            f"Received: query.shape={qs}, key.shape={ks}",
+        )
+    _check_projection(feature_map, projection_matrix, qs[-1])
+    mask = None
+    if key_padding_mask is not None:
+        ms = tuple(key_padding_mask.shape)
+        if len(ms) != 2 or (ms[0] is not None and qs[0] is not None and ms[0] != qs[0]) or (
+            ms[1] is not None and ks[1] is not None and ms[1] != ks[1]
+        ):
+            raise ValueError(
+                "Argument `key_padding_mask` must have shape (batch, key_length) = "
+                f"({qs[0]}, {ks[1]}). Received: key_padding_mask.shape={ms}"
+            )
+        mask = ops.cast(key_padding_mask, "float32")[:, None, :, None]  # (B, 1, S, 1)
+
+    q, k, v = _to_heads_first(query), _to_heads_first(key), _to_heads_first(value)
+    q_feat, k_feat = feature_map(q, k, projection_matrix, causal=causal, key_mask=mask)
+    if mask is not None:
+        k_feat = k_feat * mask  # padded keys leave numerator and normaliser
+    v1 = _with_ones_column(v)  # (B, N, S, D+1)
+    if causal:
+        out = _causal_chunked(q_feat, k_feat, v1, chunk_size)
+    else:
+        out = _non_causal(q_feat, k_feat, v1)
+    out = ops.transpose(_normalise(out), (0, 2, 1, 3))  # (B, T, N, D)
+    return ops.cast(out, query.dtype)
+
+
+def favor_initial_state(batch_size, num_heads, key_dim, value_dim, feature_map, num_random_features=None):
+    """The empty decoding state (S, z): S (B, N, F, D) = Σ φ(k)vᵀ and z (B, N, F) = Σ φ(k).
+
+    F is `feature_map.output_dim(key_dim, num_random_features)`. The state's size is fixed: it does
+    not grow with the number of decoded positions.
+    """
+    feature_map = feature_maps_lib.get(feature_map)
+    feat_dim = feature_map.output_dim(key_dim, num_random_features)
+    if feat_dim is None:
+        raise ValueError(
+            f"feature_map={feature_map!r} uses random features: pass `num_random_features`. "
+            "Received: num_random_features=None"
+        )
+    return (
+        ops.zeros((batch_size, num_heads, feat_dim, value_dim), dtype="float32"),
+        ops.zeros((batch_size, num_heads, feat_dim), dtype="float32"),
+    )
+
+
+def favor_attention_step(query, key, value, state, feature_map="softmax_positive", projection_matrix=None):
+    """One causal decoding step with a fixed-size state.
+
+    Adds the new key and value to the state, then attends from the new query. Equal, position by
+    position, to `favor_attention(..., causal=True)` on the whole sequence.
+
+    Args:
+        query: (B, N, H), the new position's query.
+        key: (B, N, H).
+        value: (B, N, D).
+        state: (S, z) with S (B, N, F, D) and z (B, N, F), from `favor_initial_state` or a
+            previous step.
+        feature_map: as in `favor_attention`.
+        projection_matrix: as in `favor_attention`.
+
+    Returns:
+        (output (B, N, D) in the dtype of `query`, new state).
+    """
+    feature_map = feature_maps_lib.get(feature_map)
+    _static_rank_check(query, 3, "query", "(batch, num_heads, key_dim)")
+    _static_rank_check(key, 3, "key", "(batch, num_heads, key_dim)")
+    _static_rank_check(value, 3, "value", "(batch, num_heads, value_dim)")
+    if not isinstance(state, (tuple, list)) or len(state) != 2:
+        raise ValueError(
+            "Argument `state` must be a pair (S, z) from `favor_initial_state`. "
+            f"Received: state={type(state).__name__}"
+        )
+    _check_dim(
+        query.shape[-1], key.shape[-1],
+        f"The key dim of `query` and `key` must match. Received: query.shape={tuple(query.shape)}, "
+        f"key.shape={tuple(key.shape)}",
+    )
+    _check_projection(feature_map, projection_matrix, query.shape[-1])
+    s_state, z_state = state
+    q = ops.cast(query, "float32")[:, :, None, :]  # (B, N, 1, H)
+    k = ops.cast(key, "float32")[:, :, None, :]
+    v = ops.cast(value, "float32")
+    q_feat, k_feat = feature_map(q, k, projection_matrix, causal=True)  # (B, N, 1, F)
+    _check_dim(
+        s_state.shape[-2], k_feat.shape[-1],
+        f"Argument `state` holds {s_state.shape[-2]} features but the feature map gives "
+        f"{k_feat.shape[-1]}. Received: state[0].shape={tuple(s_state.shape)}",
+    )
+    k_col = ops.transpose(k_feat, (0, 1, 3, 2))  # (B, N, F, 1)
+    s_state = s_state + k_col * ops.expand_dims(v, 2)  # (B, N, F, D)
+    z_state = z_state + k_feat[:, :, 0]  # (B, N, F)
+    num = ops.matmul(q_feat, s_state)[:, :, 0]  # (B, N, D)
+    den = ops.matmul(q_feat, ops.expand_dims(z_state, -1))[:, :, 0]  # (B, N, 1)
+    out = num / ops.where(ops.equal(den, 0.0), 1.0, den)
+    return ops.cast(out, query.dtype), (s_state, z_state)
