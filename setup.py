@@ -16,8 +16,16 @@ setup(
         "numpy",
     ],
     extras_require={
-        "tests": ["pytest>=8", "pytest-xdist", "jax[cpu]", "ai-edge-litert", "ruff"],
-        "export": ["ai-edge-litert", "tensorflow-serving-api"],
+        "export": ["ai-edge-litert", "tensorflow-serving-api>=2.21,<2.22"],
+        "tests": [
+            "pytest>=8",
+            "pytest-xdist",
+            "jax[cpu]",
+            "ai-edge-litert",
+            "tensorflow-serving-api>=2.21,<2.22",
+            "psutil",
+            "matplotlib",
+        ],
         "benchmarks": ["matplotlib", "jax[cpu]", "psutil"],
     },
     license="Apache-2.0",
