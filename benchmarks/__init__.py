@@ -1,0 +1,1 @@
+"""Benchmark scripts for keras_favor; results go to benchmarks/results/."""

@@ -1,0 +1,113 @@
+"""Shared helpers for the benchmark scripts: machine and version info, timing, JSON results.
+
+Every script states where and how it ran: `run_info()` gathers the machine, the library versions and
+the Keras backend, and `write_json` stores it next to the figures under `benchmarks/results/`.
+"""
+
+import datetime
+import json
+import os
+import platform
+import statistics
+import time
+
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def _cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def memory_gib():
+    """(total, available) system memory in GiB from /proc/meminfo, or (None, None) elsewhere."""
+    values = {}
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                name, rest = line.split(":", 1)
+                values[name] = int(rest.split()[0]) / 2**20  # kB -> GiB
+    except OSError:
+        return None, None
+    return values.get("MemTotal"), values.get("MemAvailable")
+
+
+def _version(module_name):
+    try:
+        module = __import__(module_name)
+    except ImportError:
+        return None
+    return getattr(module, "__version__", None)
+
+
+def run_info(**settings):
+    """Machine, versions, backend and the given settings, as a JSON-able dict."""
+    import keras
+
+    total, available = memory_gib()
+    info = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": {
+            "cpu": _cpu_model(),
+            "cpu_count": os.cpu_count(),
+            "memory_gib": None if total is None else round(total, 1),
+            "memory_available_gib": None if available is None else round(available, 1),
+            "platform": platform.platform(),
+            "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        },
+        "versions": {
+            "python": platform.python_version(),
+            "keras": keras.__version__,
+            "numpy": _version("numpy"),
+            "tensorflow": _version("tensorflow")
+            if keras.backend.backend() == "tensorflow"
+            else None,
+            "jax": _version("jax") if keras.backend.backend() == "jax" else None,
+        },
+        "backend": keras.backend.backend(),
+        "settings": settings,
+    }
+    if keras.backend.backend() == "jax":
+        import jax
+
+        info["machine"]["jax_devices"] = [str(d) for d in jax.devices()]
+    return info
+
+
+def time_call(fn, *, warmup=1, repeats=5):
+    """Seconds per call of `fn()`, over `repeats` calls after `warmup` calls.
+
+    `fn` must block until its result is ready (convert to numpy or call `block_until_ready`).
+    Returns the median and min wall-clock time, and the median process CPU time (all threads): on
+    a machine shared with other jobs, CPU time is the steadier measure of the work done.
+    """
+    for _ in range(warmup):
+        fn()
+    times, cpu_times = [], []
+    for _ in range(repeats):
+        start, cpu_start = time.perf_counter(), time.process_time()
+        fn()
+        times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - cpu_start)
+    return {
+        "median_s": statistics.median(times),
+        "min_s": min(times),
+        "cpu_median_s": statistics.median(cpu_times),
+        "times_s": times,
+    }
+
+
+def write_json(name, data):
+    """Write `data` to benchmarks/results/<name>.json and return the path."""
+    os.makedirs(RESULTS_DIR, exist_ok=True)
+    path = os.path.join(RESULTS_DIR, f"{name}.json")
+    with open(path, "w") as f:
+        json.dump(data, f, indent=2, sort_keys=False)
+        f.write("\n")
+    return path

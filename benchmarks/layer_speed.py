@@ -1,0 +1,363 @@
+"""FavorAttention vs keras.layers.MultiHeadAttention: training speed, longest trainable length.
+
+Speed (default): forward + backward (loss = mean(y²); gradients for the weights and the input) of
+one layer on one sequence, B=1, E=512, N=8, key_dim=64, M=256, at L = 1024, 4096, 8192, each layer
+as a `tf.function`: MultiHeadAttention without XLA (under XLA it runs out of memory at 8192),
+FavorAttention without and with XLA (`jit_compile=True`). Prints a table of median times and the
+speed-up of FavorAttention over MultiHeadAttention (goal: ≥ 10× at 8192).
+
+Longest length (`--max-length`): for MultiHeadAttention and FavorAttention (XLA), non-causal and
+causal, doubles L from `--start-length` (16384) up to `--stop-length` (1048576) until a training
+step fails, and records the peak memory (RSS) of each step (if the start length already fails, it
+halves instead, to report the longest length that works).
+
+Every measurement runs in a child process whose address space is capped (`--memory-limit-gb`,
+default 20, with `RLIMIT_AS`), so running out of memory ends that trial, not the run or the machine.
+The peak RSS of each child comes from `wait4`. Results: benchmarks/results/layer_speed.json, with
+a "speed" and a "max_length" section (each run replaces its own).
+
+    python benchmarks/layer_speed.py                         # speed, L = 1024 4096 8192
+    python benchmarks/layer_speed.py --lengths 512 1024 --repeats 2   # a quick smoke run
+    python benchmarks/layer_speed.py --max-length             # longest trainable L (slow)
+    python benchmarks/layer_speed.py --causal                 # speed of causal attention too
+
+Run on a quiet machine: timings of a shared machine say little.
+"""
+
+import argparse
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.common import RESULTS_DIR, run_info, write_json  # noqa: E402
+
+EMBED_DIM = 512
+NUM_HEADS = 8
+KEY_DIM = 64
+NUM_RANDOM_FEATURES = 256
+GIB = 2**30
+
+# (name, layer, xla): the speed run's three configurations.
+SPEED_CONFIGS = (
+    ("mha", "mha", False),
+    ("favor", "favor", False),
+    ("favor_xla", "favor", True),
+)
+# The longest-length run: each layer in its best mode.
+MAX_LENGTH_CONFIGS = (
+    ("mha", "mha", False),
+    ("favor_xla", "favor", True),
+)
+
+
+# ----------------------------------------------------------------------------------------------
+# One trial (in a child process).
+
+
+def run_trial(layer_kind, length, causal, xla, repeats, seed=0):
+    """Builds one layer, times `repeats` training steps after a first (compiling) one.
+
+    Returns a JSON-able dict: ok, first_step_s, median_s, min_s, times_s.
+    """
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    if keras.backend.backend() != "tensorflow":
+        raise SystemExit("layer_speed.py needs KERAS_BACKEND=tensorflow")
+    from keras_favor import FavorAttention
+
+    keras.utils.set_random_seed(seed)
+    if layer_kind == "mha":
+        layer = keras.layers.MultiHeadAttention(NUM_HEADS, KEY_DIM)
+    else:
+        layer = FavorAttention(
+            NUM_HEADS, KEY_DIM, num_random_features=NUM_RANDOM_FEATURES, seed=seed
+        )
+    x = tf.constant(
+        np.random.default_rng(seed).normal(scale=0.5, size=(1, length, EMBED_DIM)).astype("float32")
+    )
+    layer(x[:, :8], x[:, :8], use_causal_mask=causal)  # build
+
+    def train_step(inputs):
+        with tf.GradientTape() as tape:
+            tape.watch(inputs)
+            y = layer(inputs, inputs, use_causal_mask=causal, training=True)
+            loss = tf.reduce_mean(tf.square(y))
+        grads = tape.gradient(loss, layer.trainable_variables + [inputs])
+        # One scalar depending on every gradient, so that nothing is pruned.
+        return loss + tf.add_n([tf.reduce_sum(g) for g in grads]) * 0.0
+
+    step = tf.function(train_step, jit_compile=xla)
+    start = time.perf_counter()
+    step(x).numpy()
+    first = time.perf_counter() - start
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step(x).numpy()
+        times.append(time.perf_counter() - start)
+    return {
+        "ok": True,
+        "first_step_s": first,
+        "median_s": float(np.median(times)) if times else None,
+        "min_s": min(times) if times else None,
+        "times_s": times,
+    }
+
+
+def _trial_main(spec):
+    spec = json.loads(spec)
+    limit = spec.pop("memory_limit_bytes")
+    if limit:
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    out_path = spec.pop("out")
+    try:
+        result = run_trial(**spec)
+    except Exception as error:  # noqa: BLE001 - any failure of the trial is its result
+        kind = "oom" if _looks_like_oom(repr(error)) else "error"
+        result = {"ok": False, "failure": kind, "message": repr(error)[-500:]}
+    with open(out_path, "w") as f:
+        json.dump(result, f)
+
+
+def _looks_like_oom(text):
+    text = text.lower()
+    return any(
+        s in text for s in ("resourceexhausted", "oom", "out of memory", "bad_alloc", "memoryerror")
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Running trials (in the parent).
+
+
+def trial(layer_kind, length, *, causal, xla, repeats, memory_limit_gb, timeout_s):
+    """Runs one trial in a capped child process; adds the child's peak RSS and exit status."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "result.json")
+        spec = dict(
+            layer_kind=layer_kind,
+            length=length,
+            causal=causal,
+            xla=xla,
+            repeats=repeats,
+            memory_limit_bytes=int(memory_limit_gb * GIB) if memory_limit_gb else 0,
+            out=out,
+        )
+        env = {**os.environ, "KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "3"}
+        with open(os.path.join(tmp, "stderr"), "w+") as stderr:
+            child = subprocess.Popen(
+                [sys.executable, os.path.abspath(__file__), "--_trial", json.dumps(spec)],
+                stdout=subprocess.DEVNULL,
+                stderr=stderr,
+                env=env,
+                start_new_session=True,
+            )
+            deadline = time.monotonic() + timeout_s
+            status, usage, timed_out = None, None, False
+            while status is None:
+                pid, wait_status, wait_usage = os.wait4(child.pid, os.WNOHANG)
+                if pid:
+                    status, usage = wait_status, wait_usage
+                elif time.monotonic() > deadline:
+                    os.killpg(child.pid, signal.SIGKILL)
+                    timed_out = True
+                    _, status, usage = os.wait4(child.pid, 0)
+                else:
+                    time.sleep(0.2)
+            child.returncode = os.waitstatus_to_exitcode(status)  # already reaped
+            stderr.seek(0)
+            stderr_tail = stderr.read()[-2000:]
+        if os.path.exists(out):
+            with open(out) as f:
+                result = json.load(f)
+        else:
+            failure = (
+                "timeout"
+                if timed_out
+                else (
+                    "oom"
+                    if _looks_like_oom(stderr_tail) or child.returncode in (-6, -9)
+                    else "crash"
+                )
+            )
+            result = {"ok": False, "failure": failure, "message": stderr_tail[-500:]}
+    result["exit_code"] = child.returncode
+    result["peak_rss_gib"] = usage.ru_maxrss * 1024 / GIB  # ru_maxrss is in KiB on Linux
+    result.update(layer=layer_kind, length=length, causal=causal, xla=xla)
+    return result
+
+
+def _fmt_ms(result):
+    if result is None:
+        return "-"
+    if not result["ok"]:
+        return result["failure"].upper()
+    return f"{1000 * result['median_s']:.0f}"
+
+
+def speed(args):
+    rows = []
+    for causal in (False, True) if args.causal else (False,):
+        for length in args.lengths:
+            row = {"length": length, "causal": causal}
+            for name, kind, xla in SPEED_CONFIGS:
+                print(f"  L={length} causal={causal} {name} ...", flush=True)
+                row[name] = trial(
+                    kind,
+                    length,
+                    causal=causal,
+                    xla=xla,
+                    repeats=args.repeats,
+                    memory_limit_gb=args.memory_limit_gb,
+                    timeout_s=args.trial_timeout,
+                )
+            mha = row["mha"]
+            for name in ("favor", "favor_xla"):
+                ok = mha["ok"] and row[name]["ok"]
+                row[f"speedup_{name}"] = mha["median_s"] / row[name]["median_s"] if ok else None
+            rows.append(row)
+
+    header = (
+        f"{'L':>6} {'causal':>6} | {'MHA ms':>8} {'FAVOR ms':>9} {'FAVOR XLA ms':>13} | "
+        f"{'MHA/FAVOR':>9} {'MHA/FAVOR XLA':>13} | {'peak GiB (MHA, FAVOR, XLA)':>27}"
+    )
+    print("\nForward + backward, B=1, E=512, N=8, key_dim=64, M=256 (median of repeats)")
+    print(header)
+    print("-" * len(header))
+    for row in rows:
+        ratios = [row["speedup_favor"], row["speedup_favor_xla"]]
+        ratios = [f"{r:.1f}x" if r else "-" for r in ratios]
+        peaks = ", ".join(f"{row[n]['peak_rss_gib']:.1f}" for n, _, _ in SPEED_CONFIGS)
+        print(
+            f"{row['length']:>6} {str(row['causal']):>6} | {_fmt_ms(row['mha']):>8} "
+            f"{_fmt_ms(row['favor']):>9} {_fmt_ms(row['favor_xla']):>13} | {ratios[0]:>9} "
+            f"{ratios[1]:>13} | {peaks:>27}"
+        )
+    return rows
+
+
+def _search(kind, *, causal, xla, args):
+    """Doubling from the start length until a failure (or the stop length); halving first if
+    the start length fails. Returns (longest length that trained or None, trials)."""
+    trials = []
+
+    def attempt(length):
+        print(f"  {kind} xla={xla} causal={causal} L={length} ...", end=" ", flush=True)
+        result = trial(
+            kind,
+            length,
+            causal=causal,
+            xla=xla,
+            repeats=1,
+            memory_limit_gb=args.memory_limit_gb,
+            timeout_s=args.trial_timeout,
+        )
+        status = f"{result['median_s']:.2f} s" if result["ok"] else result["failure"]
+        print(f"{status}, peak {result['peak_rss_gib']:.2f} GiB", flush=True)
+        trials.append(result)
+        return result["ok"]
+
+    longest, length = None, args.start_length
+    if attempt(length):
+        longest = length
+        while length * 2 <= args.stop_length:
+            length *= 2
+            if not attempt(length):
+                break
+            longest = length
+    else:
+        while length // 2 >= args.min_length:
+            length //= 2
+            if attempt(length):
+                longest = length
+                break
+    return longest, trials
+
+
+def max_length(args):
+    results = []
+    for causal in (False, True):
+        for name, kind, xla in MAX_LENGTH_CONFIGS:
+            longest, trials = _search(kind, causal=causal, xla=xla, args=args)
+            best = next((t for t in trials if t["ok"] and t["length"] == longest), None)
+            results.append(
+                {
+                    "config": name,
+                    "causal": causal,
+                    "longest_length": longest,
+                    "peak_rss_gib_at_longest": best["peak_rss_gib"] if best else None,
+                    "step_s_at_longest": best["median_s"] if best else None,
+                    "trials": trials,
+                }
+            )
+    print(f"\nLongest trainable L (B=1, memory cap {args.memory_limit_gb} GiB, powers of two)")
+    print(f"{'config':>10} {'causal':>6} | {'longest L':>10} {'peak GiB':>9} {'step s':>8}")
+    for r in results:
+        longest = r["longest_length"] or "none"
+        peak = f"{r['peak_rss_gib_at_longest']:.2f}" if r["longest_length"] else "-"
+        step = f"{r['step_s_at_longest']:.2f}" if r["longest_length"] else "-"
+        capped = " (stop length)" if r["longest_length"] == args.stop_length else ""
+        print(
+            f"{r['config']:>10} {str(r['causal']):>6} | {longest:>10} {peak:>9} {step:>8}{capped}"
+        )
+    return results
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 8192])
+    parser.add_argument("--repeats", type=int, default=3, help="timed steps after the first")
+    parser.add_argument("--causal", action="store_true", help="also time causal attention")
+    parser.add_argument("--max-length", action="store_true", help="find the longest trainable L")
+    parser.add_argument("--start-length", type=int, default=16384)
+    parser.add_argument("--stop-length", type=int, default=1048576)
+    parser.add_argument("--min-length", type=int, default=1024)
+    parser.add_argument("--memory-limit-gb", type=float, default=20.0)
+    parser.add_argument("--trial-timeout", type=float, default=1800.0, help="seconds per trial")
+    parser.add_argument("--_trial", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args._trial:
+        _trial_main(args._trial)
+        return
+
+    settings = dict(
+        batch_size=1,
+        embed_dim=EMBED_DIM,
+        num_heads=NUM_HEADS,
+        key_dim=KEY_DIM,
+        num_random_features=NUM_RANDOM_FEATURES,
+        memory_limit_gib=args.memory_limit_gb,
+        measured="tf.function train step: forward + backward (weights and input), loss mean(y^2)",
+    )
+    os.environ["KERAS_BACKEND"] = "tensorflow"
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    # One file, one section per mode: a run replaces its own section and keeps the other.
+    try:
+        with open(os.path.join(RESULTS_DIR, "layer_speed.json")) as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        data = {}
+    if args.max_length:
+        settings.update(start_length=args.start_length, stop_length=args.stop_length)
+        results = max_length(args)
+        data["max_length"] = {**run_info(**settings), "results": results}
+    else:
+        settings.update(lengths=args.lengths, repeats=args.repeats, causal=args.causal)
+        rows = speed(args)
+        data["speed"] = {**run_info(**settings), "results": rows}
+    path = write_json("layer_speed", data)
+    print(f"\nwrote {os.path.relpath(path)}")
+
+
+if __name__ == "__main__":
+    main()
