@@ -1,0 +1,286 @@
+"""`RedrawRandomFeatures`: redraws the random projections of FAVOR attention layers in training."""
+
+import hashlib
+import logging
+import warnings
+
+import keras
+import numpy as np
+
+from keras_favor.layers.favor_attention import FavorAttention
+
+_logger = logging.getLogger(__name__)
+
+
+def _optional_positive_int(value, name):
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(
+            f"Received an invalid value for argument `{name}`, expected a positive integer or "
+            f"None. Received: {name}={value!r}"
+        )
+    return value
+
+
+def redraw_seed(seed, redraw_index, layer_index):
+    """The seed of redraw number `redraw_index` of layer number `layer_index`.
+
+    A pure function of its three integers (a keyed BLAKE2b hash, not Python's salted `hash`), so
+    every process of a multi-worker job and every resumed run derives the same seeds.
+
+    Args:
+        seed: the callback's base seed, an int.
+        redraw_index: i ≥ 1, the layer's `redraw_count` after the redraw.
+        layer_index: j ≥ 0, the position of the layer among the redrawn layers.
+
+    Returns:
+        An int in [0, 2**31).
+    """
+    message = f"{int(seed)}:{int(redraw_index)}:{int(layer_index)}".encode()
+    digest = hashlib.blake2b(message, digest_size=8, person=b"kf-redraw").digest()
+    return int.from_bytes(digest, "little") & 0x7FFFFFFF
+
+
+def _walk_layers(layer, seen, found):
+    # Depth-first, in the order each layer tracks its sublayers: sub-models, custom layers holding
+    # layers (attributes, lists, dicts) and functional blocks alike; shared layers once.
+    if id(layer) in seen:
+        return
+    seen.add(id(layer))
+    found.append(layer)
+    for sublayer in getattr(layer, "_layers", None) or ():
+        _walk_layers(sublayer, seen, found)
+
+
+class RedrawRandomFeatures(keras.callbacks.Callback):
+    """Redraws the random features of `FavorAttention` layers on a schedule during training.
+
+    FAVOR+ estimates softmax attention with one random projection ω per layer. Training with a
+    single fixed ω lets the model fit that ω's errors; redrawing ω from time to time (the Performer
+    paper redraws during training) averages them out. Each redraw calls the layer's
+    `redraw_random_features(seed)` from this callback, outside the compiled train step, so that
+    under `tf.distribute` strategies every replica and every worker assigns the same new value.
+
+    Which layers: every `FavorAttention` in the model, however deeply nested (sub-models, custom
+    layers holding layers, functional blocks), or those in `layers`. Layers whose feature map uses
+    no random features (e.g. `"elu"`) are skipped.
+
+    When: with `every_n_steps=n`, whenever the optimizer's iteration count
+    (`model.optimizer.iterations`) crosses a multiple of `n`. Keras runs batch callbacks once per
+    execution, so with `steps_per_execution=s > 1` the check happens every `s` steps and one redraw
+    covers every multiple crossed since the previous check. With `every_n_epochs=n`, at the end of
+    every n-th epoch of `fit` (epoch numbers count from `initial_epoch`, so pass it when resuming).
+    Nothing is ever redrawn during `evaluate` or `predict`, nor by the validation inside `fit`.
+
+    State and resuming: the schedule lives in the model, not in the callback. Each layer's
+    `redraw_count` weight (saved in `.keras` files and checkpoints, like the optimizer's iteration
+    count) holds, in step mode, the number of multiples of `n` passed (⌊iterations / n⌋; it equals
+    the number of redraws unless `steps_per_execution > n`), in epoch mode the number of redraws.
+    The projection after redraw i of layer j is drawn with seed `redraw_seed(seed, i, j)`, so a run
+    resumed from a checkpoint (with the same `seed`) continues with the same schedule and the same
+    projections as an uninterrupted run. In step mode a layer whose count lags behind the schedule
+    when training starts (e.g. a checkpoint written by a callback that ran before this one in the
+    same batch) is redrawn at once to catch up. Layers are numbered j = 0, 1, ... in the order the
+    model tracks them (or the order of `layers`), which is the same in every process running the
+    same model code.
+
+    Args:
+        every_n_steps: redraw every this many optimizer steps, a positive int. Exactly one of
+            `every_n_steps` and `every_n_epochs` must be given.
+        every_n_epochs: redraw at the end of every this many epochs, a positive int.
+        layers: the `FavorAttention` layers to redraw (a layer or a list of them), or None (the
+            default) for every `FavorAttention` in the model.
+        seed: an int that fixes every redrawn projection (see above). With None, the base seed is
+            derived from the layers' projections when the first redraw happens: random when the
+            layers' own seeds are None, reproducible when they are fixed, and identical on every
+            replica and worker, which hold the same projections (so `MultiWorkerMirroredStrategy`
+            works without a seed). Pass an int to make a resumed run draw the projections of an
+            uninterrupted one.
+        verbose: 0 (the default) is silent; 1 logs each redraw with its step (or epoch) and the
+            number of layers redrawn.
+
+    Example:
+
+    >>> import keras, numpy as np, keras_favor
+    >>> inputs = keras.Input((8, 16))
+    >>> attention = keras_favor.FavorAttention(num_heads=2, key_dim=8, num_random_features=16)
+    >>> outputs = keras.layers.Dense(1)(attention(inputs, inputs))
+    >>> model = keras.Model(inputs, outputs)
+    >>> model.compile(optimizer="adam", loss="mse")
+    >>> x, y = np.ones((8, 8, 16)), np.zeros((8, 8, 1))
+    >>> redraw = keras_favor.RedrawRandomFeatures(every_n_steps=2, seed=0)
+    >>> _ = model.fit(x, y, batch_size=2, epochs=1, callbacks=[redraw], verbose=0)
+    >>> int(attention.redraw_count)
+    2
+
+    References:
+        Choromanski et al., Rethinking Attention with Performers, arXiv 2009.14794 (section 4:
+        redrawing the random features during training).
+    """
+
+    def __init__(self, every_n_steps=None, every_n_epochs=None, layers=None, seed=None, verbose=0):
+        _optional_positive_int(every_n_steps, "every_n_steps")
+        _optional_positive_int(every_n_epochs, "every_n_epochs")
+        if (every_n_steps is None) == (every_n_epochs is None):
+            raise ValueError(
+                "Exactly one of the arguments `every_n_steps` and `every_n_epochs` must be a "
+                f"positive integer. Received: every_n_steps={every_n_steps!r}, "
+                f"every_n_epochs={every_n_epochs!r}"
+            )
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise ValueError(
+                "Received an invalid value for argument `seed`, expected an integer or None. "
+                f"Received: seed={seed!r}"
+            )
+        if isinstance(verbose, bool) or not isinstance(verbose, int) or verbose < 0:
+            raise ValueError(
+                "Received an invalid value for argument `verbose`, expected a non-negative "
+                f"integer. Received: verbose={verbose!r}"
+            )
+        if layers is not None:
+            if isinstance(layers, FavorAttention):
+                layers = [layers]
+            elif isinstance(layers, (list, tuple)) and layers:
+                layers = list(layers)
+            else:
+                raise ValueError(
+                    "Received an invalid value for argument `layers`, expected None, a "
+                    "`FavorAttention` layer or a non-empty list of them. "
+                    f"Received: layers={layers!r}"
+                )
+            bad = [layer for layer in layers if not isinstance(layer, FavorAttention)]
+            if bad:
+                raise ValueError(
+                    "Received an invalid value for argument `layers`, expected `FavorAttention` "
+                    f"layers only. Received: layers={layers!r}, including {bad[0]!r}"
+                )
+        super().__init__()
+        self.every_n_steps = every_n_steps
+        self.every_n_epochs = every_n_epochs
+        self.layers = layers
+        self.seed = seed
+        self.verbose = verbose
+        self._base_seed = seed
+        self._layers_to_redraw = []
+        self._last_due = None
+
+    @property
+    def redrawn_layers(self):
+        """The layers this callback redraws, in index order j (set when training starts)."""
+        return list(self._layers_to_redraw)
+
+    # Which layers.
+
+    def _find_layers(self, model):
+        if self.layers is not None:
+            candidates = self.layers
+        else:
+            found = []
+            _walk_layers(model, set(), found)
+            candidates = [layer for layer in found if isinstance(layer, FavorAttention)]
+        return [layer for layer in candidates if layer.feature_map.uses_random_features]
+
+    # When.
+
+    def on_train_begin(self, logs=None):
+        self._layers_to_redraw = self._find_layers(self.model)
+        if not self._layers_to_redraw:
+            warnings.warn(
+                "RedrawRandomFeatures found no `FavorAttention` layer with random features to "
+                "redraw; it will do nothing.",
+                stacklevel=2,
+            )
+        self._last_due = None
+        if self.every_n_steps is not None:
+            self._check_steps()
+
+    def on_train_batch_end(self, batch, logs=None):
+        # Defining this method also keeps Keras from dispatching batch callbacks asynchronously:
+        # a redraw is complete before the next step starts.
+        if self.every_n_steps is not None:
+            self._check_steps()
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.every_n_epochs is not None and (epoch + 1) % self.every_n_epochs == 0:
+            plan = []
+            for layer in self._layers_to_redraw:
+                if _is_built(layer):
+                    plan.append((layer, _redraw_count(layer) + 1))
+            self._redraw(plan, f"epoch {epoch + 1}")
+
+    def _check_steps(self):
+        # Accessing `self.model` also syncs the JAX trainer's state into the variables.
+        iterations = int(_read(self.model.optimizer.iterations))
+        due = iterations // self.every_n_steps
+        crossed = self._last_due is not None and due > self._last_due
+        starting = self._last_due is None
+        self._last_due = due
+        if not (crossed or starting):
+            return
+        plan = []
+        for layer in self._layers_to_redraw:
+            if not _is_built(layer):
+                continue
+            count = _redraw_count(layer)
+            # Crossed a multiple: redraw. At the start of training: catch up with the schedule.
+            # The count follows the schedule (⌊iterations / n⌋) and only ever grows.
+            if crossed or count < due:
+                plan.append((layer, max(count + 1, due)))
+        self._redraw(plan, f"step {iterations}")
+
+    # How.
+
+    def _redraw(self, plan, when):
+        if not plan:
+            return
+        base_seed = self._get_base_seed()
+        for layer, new_count in plan:
+            layer_index = self._index_of(layer)
+            old_count = _redraw_count(layer)
+            layer.redraw_random_features(seed=redraw_seed(base_seed, new_count, layer_index))
+            if new_count != old_count + 1:
+                layer.redraw_count.assign(new_count)
+        if self.verbose:
+            noun = "layer" if len(plan) == 1 else "layers"
+            self._log(
+                f"RedrawRandomFeatures: {when}: redrew the random features of {len(plan)} {noun}."
+            )
+
+    def _index_of(self, layer):
+        for index, candidate in enumerate(self._layers_to_redraw):
+            if candidate is layer:
+                return index
+        raise ValueError(f"Layer {layer.name!r} is not redrawn by this callback.")
+
+    def _get_base_seed(self):
+        if self._base_seed is None:
+            # Every replica and worker holds the same projections, so they all derive the same
+            # base seed; it is as random as the projections are.
+            digest = hashlib.blake2b(digest_size=8, person=b"kf-base")
+            for layer in self._layers_to_redraw:
+                if _is_built(layer):
+                    digest.update(_read(layer.projection_matrix).tobytes())
+            self._base_seed = int.from_bytes(digest.digest(), "little") & 0x7FFFFFFF
+        return self._base_seed
+
+    def _log(self, message):
+        if keras.utils.is_interactive_logging_enabled():
+            print(message, flush=True)
+        else:
+            _logger.info(message)
+
+
+def _is_built(layer):
+    return getattr(layer, "projection_matrix", None) is not None
+
+
+def _read(variable):
+    # A variable's value as numpy on every backend, also a tf.distribute variable (read in
+    # cross-replica context), and without the warning `ops.convert_to_numpy` gives there.
+    value = variable.value
+    return np.asarray(value.numpy() if hasattr(value, "numpy") else value)
+
+
+def _redraw_count(layer):
+    return int(_read(layer.redraw_count))
