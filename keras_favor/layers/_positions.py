@@ -1,0 +1,42 @@
+"""Shared helpers of the position layers: position indices and argument checks."""
+
+from keras import ops
+
+
+def positive_number(value, name):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise ValueError(
+            f"Received an invalid value for argument `{name}`, expected a positive number. "
+            f"Received: {name}={value!r}"
+        )
+    return value
+
+
+def positive_int(value, name, allow_none=False):
+    if allow_none and value is None:
+        return value
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        expected = "None or a positive integer" if allow_none else "a positive integer"
+        raise ValueError(
+            f"Received an invalid value for argument `{name}`, expected {expected}. "
+            f"Received: {name}={value!r}"
+        )
+    return value
+
+
+def position_indices(start_index, length):
+    """Integer positions `start_index + [0, length)`: (1, L) for a scalar start, (B, L) for (B,).
+
+    `start_index` may be a Python int or an integer tensor of shape () or (B,): one start per
+    sequence, as when a batch of streams is decoded at different offsets.
+    """
+    steps = ops.arange(length, dtype="int32")  # (L,)
+    start = ops.cast(ops.convert_to_tensor(start_index), "int32")
+    if len(start.shape) == 0:
+        return ops.expand_dims(steps + start, 0)  # (1, L)
+    if len(start.shape) == 1:
+        return ops.expand_dims(start, 1) + ops.expand_dims(steps, 0)  # (B, L)
+    raise ValueError(
+        "Argument `start_index` must be an integer or an integer tensor of shape () or (batch,). "
+        f"Received: start_index.shape={tuple(start.shape)}"
+    )

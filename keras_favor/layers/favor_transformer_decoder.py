@@ -1,0 +1,326 @@
+"""FavorTransformerDecoder: a causal Transformer decoder block with FAVOR attention."""
+
+import keras
+from keras import ops
+
+from keras_favor.layers._favor_block import (
+    ATTENTION_DROPOUT,
+    CROSS_ATTENTION,
+    CROSS_DROPOUT,
+    SELF_ATTENTION,
+    FavorBlockBase,
+    get_keras_mask,
+    hidden_dim_of,
+    make_attention,
+    merge_masks,
+)
+
+
+@keras.saving.register_keras_serializable(package="keras_favor")
+class FavorTransformerDecoder(FavorBlockBase):
+    """A Transformer decoder block with causal `FavorAttention`, streamable token by token.
+
+    Causal self-attention, then (when built with an encoder sequence) cross-attention to the
+    encoder outputs, then a feed-forward network; each with a residual connection, dropout and a
+    layer norm (after the residual by default, before the sub-layer with `normalize_first=True`),
+    as keras-hub's `TransformerDecoder`, with the same argument names. The causal self-attention
+    is exact chunked FAVOR (time linear in length, no future token can leak), so the block can
+    also decode one token at a time with a fixed-size state: `get_initial_state` and `step`
+    (or `keras_favor.layers.initial_decode_state` / `decode_step` over a whole model).
+
+    Whether the block has cross-attention is decided by the first call (or `build`): give
+    `encoder_sequence` then and at every later call, or never.
+
+    Args:
+        intermediate_dim: the hidden size of the feed-forward network, a positive integer.
+        num_heads: the number of attention heads; it must divide the input width E. Each head
+            has size E // num_heads.
+        dropout: the dropout rate of the attention outputs (see `FavorAttention`), and of the
+            residual branches. Defaults to 0.
+        activation: the activation of the feed-forward network. Defaults to `"relu"`.
+        layer_norm_epsilon: the epsilon of the layer norms. Defaults to 1e-5.
+        kernel_initializer: initializer of the dense kernels. Defaults to `"glorot_uniform"`.
+        bias_initializer: initializer of the dense biases. Defaults to `"zeros"`.
+        normalize_first: pre-LN (True) or post-LN (False, default) residual blocks.
+        feature_map: the FAVOR feature map φ (see `FavorAttention`). Defaults to
+            `"softmax_positive"`.
+        num_random_features: M, the number of random features. Defaults to 256.
+        orthogonal: draw orthogonal random features. Defaults to True.
+        row_norms: `"chi"` (default) or `"sqrt_dim"`.
+        causal_chunk_size: C, the chunk length of the causal self-attention. Defaults to 128.
+        use_rotary_embedding: apply rotary position embeddings (RoPE) to the projected queries
+            and keys of the self-attention, before the feature map. Defaults to False.
+        rotary_max_wavelength: the base of the RoPE frequencies. Defaults to 10000.
+        seed: None or a non-negative int. An int makes the random features and dropout masks
+            reproducible; self- and cross-attention (and each dropout) get distinct seeds
+            derived from it. Give each block of a model its own seed.
+        attention_type: `"favor"` (default): `FavorAttention`, linear in length and streamable.
+            `"softmax"`: exact `keras.layers.MultiHeadAttention` (quadratic in length, causal
+            through `use_causal_mask`), with the same sub-layers and weights, so a softmax
+            block's weights load into a FAVOR block; the FAVOR options are then unused,
+            `dropout` drops attention probabilities (as in `MultiHeadAttention`), and there is
+            no streaming decoding (`get_initial_state` and `step` raise a ValueError).
+        **kwargs: standard `keras.layers.Layer` arguments (`name`, `dtype`, ...).
+
+    Call arguments:
+        decoder_sequence: (B, T, E) sequence.
+        encoder_sequence: optional (B, S, E_enc) encoder outputs for cross-attention.
+        decoder_padding_mask: optional (B, T) mask, True (or 1) for real tokens; combined with
+            the Keras mask of `decoder_sequence`. Padded tokens are removed from the keys.
+        encoder_padding_mask: optional (B, S) mask of the encoder outputs; combined with the
+            Keras mask of `encoder_sequence`.
+        training: whether dropout is active.
+
+    Returns:
+        (B, T, E), carrying the decoder sequence's Keras mask.
+
+    Example:
+
+    >>> import numpy as np
+    >>> decoder = FavorTransformerDecoder(intermediate_dim=32, num_heads=2,
+    ...                                   num_random_features=16, seed=0)
+    >>> x = np.random.rand(2, 10, 8).astype("float32")
+    >>> y = decoder(x)
+    >>> state = decoder.get_initial_state(batch_size=2)
+    >>> out, state = decoder.step(x[:, 0], state, position=0)
+    >>> bool(np.allclose(out, y[:, 0], atol=1e-5))
+    True
+
+    References:
+        Choromanski et al., Rethinking Attention with Performers, arXiv 2009.14794.
+        Vaswani et al., Attention Is All You Need, arXiv 1706.03762.
+        Su et al., RoFormer (rotary position embeddings), arXiv 2104.09864.
+    """
+
+    def build(self, decoder_sequence_shape, encoder_sequence_shape=None):
+        decoder_sequence_shape = tuple(decoder_sequence_shape)
+        _, key_dim = hidden_dim_of(
+            decoder_sequence_shape, "decoder_sequence", self.num_heads, self.use_rotary_embedding
+        )
+        self._self_attention_layer = make_attention(
+            self, key_dim, SELF_ATTENTION, "self_attention", self.use_rotary_embedding
+        )
+        self._self_attention_layer.build(decoder_sequence_shape, decoder_sequence_shape)
+        self._self_attention_layer_norm = self._layer_norm(
+            "self_attention_layer_norm", decoder_sequence_shape
+        )
+        self._self_attention_dropout = self._dropout_layer(
+            "self_attention_dropout", ATTENTION_DROPOUT
+        )
+        self._cross_attention_layer = None
+        if encoder_sequence_shape is not None:
+            encoder_sequence_shape = tuple(encoder_sequence_shape)
+            if len(encoder_sequence_shape) != 3 or encoder_sequence_shape[-1] is None:
+                raise ValueError(
+                    "Argument `encoder_sequence` must have rank 3 (batch, length, features) with "
+                    f"a known feature size. Received: encoder_sequence.shape="
+                    f"{encoder_sequence_shape}"
+                )
+            # No RoPE across sequences: decoder and encoder positions are unrelated.
+            self._cross_attention_layer = make_attention(
+                self, key_dim, CROSS_ATTENTION, "cross_attention", rotary=False
+            )
+            self._cross_attention_layer.build(decoder_sequence_shape, encoder_sequence_shape)
+            self._cross_attention_layer_norm = self._layer_norm(
+                "cross_attention_layer_norm", decoder_sequence_shape
+            )
+            self._cross_attention_dropout = self._dropout_layer(
+                "cross_attention_dropout", CROSS_DROPOUT
+            )
+        self._build_feedforward(decoder_sequence_shape)
+        self.built = True
+
+    @property
+    def has_cross_attention(self):
+        """Whether the block was built with an encoder sequence (None before it is built)."""
+        if not self.built:
+            return None
+        return self._cross_attention_layer is not None
+
+    def _check_encoder_sequence(self, encoder_sequence):
+        has_cross = self._cross_attention_layer is not None
+        if has_cross and encoder_sequence is None:
+            raise ValueError(
+                f"Layer '{self.name}' was built with cross-attention: pass `encoder_sequence` at "
+                "every call. Received: encoder_sequence=None"
+            )
+        if not has_cross and encoder_sequence is not None:
+            raise ValueError(
+                f"Layer '{self.name}' was built without cross-attention (its first call had no "
+                "`encoder_sequence`), so it cannot use one now. Received: encoder_sequence.shape="
+                f"{tuple(encoder_sequence.shape)}"
+            )
+
+    def _cross_attend(self, x, encoder_sequence, query_mask, encoder_mask, training):
+        def attend(h):
+            return self._cross_attention_layer(
+                h,
+                encoder_sequence,
+                query_mask=query_mask,
+                value_mask=encoder_mask,
+                training=training,
+            )
+
+        return self._residual(
+            x, attend, self._cross_attention_layer_norm, self._cross_attention_dropout, training
+        )
+
+    def call(
+        self,
+        decoder_sequence,
+        encoder_sequence=None,
+        decoder_padding_mask=None,
+        encoder_padding_mask=None,
+        training=None,
+    ):
+        self._check_encoder_sequence(encoder_sequence)
+        decoder_mask = merge_masks(
+            get_keras_mask(decoder_sequence),
+            decoder_padding_mask,
+            "decoder_padding_mask",
+            decoder_sequence.shape[0],
+            decoder_sequence.shape[1],
+        )
+        encoder_mask = None
+        if encoder_sequence is not None:
+            encoder_mask = merge_masks(
+                get_keras_mask(encoder_sequence),
+                encoder_padding_mask,
+                "encoder_padding_mask",
+                encoder_sequence.shape[0],
+                encoder_sequence.shape[1],
+            )
+
+        def attend(x):
+            return self._self_attention_layer(
+                x,
+                x,
+                query_mask=decoder_mask,
+                value_mask=decoder_mask,
+                use_causal_mask=True,
+                training=training,
+            )
+
+        x = self._residual(
+            decoder_sequence,
+            attend,
+            self._self_attention_layer_norm,
+            self._self_attention_dropout,
+            training,
+        )
+        if encoder_sequence is not None:
+            x = self._cross_attend(x, encoder_sequence, decoder_mask, encoder_mask, training)
+        return self._feedforward(x, training)
+
+    # ----------------------------------------------------------------------------------------
+    # Streaming decoding.
+
+    def _require_built(self, method):
+        if self.attention_type != "favor":
+            raise ValueError(
+                f"`{method}` (streaming decoding with a fixed-size state) needs "
+                "attention_type='favor': exact softmax attention has no such state. Received: "
+                f"attention_type={self.attention_type!r}"
+            )
+        if not self.built:
+            raise ValueError(
+                f"Layer '{self.name}' must be built before `{method}` (call it on a "
+                "(batch, length, features) sequence first, or `build` it). Received: built=False"
+            )
+
+    def get_initial_state(self, batch_size):
+        """The empty decoding state of the causal self-attention: (S, z), float32 zeros.
+
+        S is (B, N, F, D) and z is (B, N, F), with N heads, D = E // N and F the number of
+        features of the map (M for `"softmax_positive"`). Their size does not depend on how many
+        tokens are decoded.
+
+        Args:
+            batch_size: B, a positive int or a scalar integer tensor (e.g. inside a serving
+                function, where the batch size is only known at run time).
+
+        Returns:
+            The pair (S, z).
+        """
+        self._require_built("get_initial_state")
+        attention = self._self_attention_layer
+        if isinstance(batch_size, int) and not isinstance(batch_size, bool):
+            return attention.get_initial_state(batch_size)
+        template = attention.get_initial_state(1)
+        return tuple(ops.zeros((batch_size,) + tuple(t.shape[1:]), dtype=t.dtype) for t in template)
+
+    def step(
+        self,
+        inputs,
+        state,
+        position=None,
+        encoder_sequence=None,
+        decoder_padding_mask=None,
+        encoder_padding_mask=None,
+        training=False,
+    ):
+        """Decodes one position: equal to the full causal call at that position.
+
+        Args:
+            inputs: (B, E), the block's input at the new position.
+            state: (S, z) from `get_initial_state` or the previous `step`.
+            position: the index of the new position, an int or an integer tensor of shape () or
+                (B,). Required with `use_rotary_embedding=True`; unused otherwise.
+            encoder_sequence: (B, S, E_enc) encoder outputs, if the block has cross-attention.
+            decoder_padding_mask: optional (B,) mask: False marks a padding token, which leaves
+                the state unchanged (as padded keys are removed from the full call).
+            encoder_padding_mask: optional (B, S) mask of the encoder outputs.
+            training: whether dropout is active. Defaults to False.
+
+        Returns:
+            The pair (outputs (B, E) in the compute dtype, new state).
+        """
+        self._require_built("step")
+        if len(inputs.shape) != 2:
+            raise ValueError(
+                "Argument `inputs` of `step` must have rank 2 (batch, features): one position. "
+                f"Received: inputs.shape={tuple(inputs.shape)}"
+            )
+        self._check_encoder_sequence(encoder_sequence)
+        if self.use_rotary_embedding and position is None:
+            raise ValueError(
+                "use_rotary_embedding=True: `step` needs the `position` of the decoded token. "
+                "Received: position=None"
+            )
+        inputs = ops.convert_to_tensor(inputs, dtype=self.compute_dtype)
+        attention = self._self_attention_layer
+        old_state = tuple(state)
+        new_state = None
+
+        def attend(x):
+            nonlocal new_state
+            if self.use_rotary_embedding:
+                out, new_state = attention.step(x, x, old_state, position=position)
+            else:
+                out, new_state = attention.step(x, x, old_state)
+            return out
+
+        x = self._residual(
+            inputs, attend, self._self_attention_layer_norm, self._self_attention_dropout, training
+        )
+        if decoder_padding_mask is not None:
+            keep = ops.cast(ops.convert_to_tensor(decoder_padding_mask), "bool")  # (B,)
+            new_state = tuple(
+                ops.where(ops.reshape(keep, (-1,) + (1,) * (len(new.shape) - 1)), new, old)
+                for new, old in zip(new_state, old_state)
+            )
+        if encoder_sequence is not None:
+            query_mask = None
+            if decoder_padding_mask is not None:
+                query_mask = ops.expand_dims(ops.cast(decoder_padding_mask, "bool"), 1)
+            encoder_mask = merge_masks(
+                get_keras_mask(encoder_sequence),
+                encoder_padding_mask,
+                "encoder_padding_mask",
+                encoder_sequence.shape[0],
+                encoder_sequence.shape[1],
+            )
+            x = self._cross_attend(
+                ops.expand_dims(x, 1), encoder_sequence, query_mask, encoder_mask, training
+            )[:, 0]
+        return self._feedforward(x, training), new_state
