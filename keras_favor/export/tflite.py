@@ -1,0 +1,231 @@
+"""TFLite (LiteRT) export with builtin ops only, and a small runner.
+
+Conversion always goes through an exported SavedModel directory
+(`TFLiteConverter.from_saved_model`): converting a Keras 3 model's concrete function directly
+leaves its variables uninitialised (NaN / garbage outputs), and `model.export(format="litert")`
+silently enables Flex (TF Select) ops, which LiteRT's Python interpreter and most devices cannot
+run. Here only ``TFLITE_BUILTINS`` are allowed, and a model that would need Flex fails loudly,
+naming each op and where it comes from.
+
+Every SavedModel signature becomes a TFLite signature: ``serving_default`` (dynamic batch and
+sequence length; resize the inputs before running) and, for decoder models, ``initial_state`` and
+``decode_step``.
+"""
+
+import os
+import re
+import tempfile
+
+import numpy as np
+
+from keras_favor.export.saved_model import (
+    SERVING_DEFAULT,
+    export_saved_model,
+    saved_model_signature_names,
+)
+
+QUANTIZATIONS = (None, "float16", "dynamic_range")
+_DETAIL = re.compile(r"^\s*tf\.(\w+)\((.*)$")
+
+
+def _flex_error(error):
+    """A ValueError naming every op the builtin-only conversion could not lower, or None."""
+    text = str(error)
+    ops = {}
+    for entry in getattr(error, "errors", None) or []:
+        if "FLEX" not in str(getattr(entry, "error_code", "")) and "flex op" not in str(
+            getattr(entry, "error_message", "")
+        ):
+            continue
+        op = entry.operator.name.removeprefix("tf.")
+        where = [call.name.split("@")[0] for call in entry.location.call][:1]
+        ops.setdefault(op, set()).update(where)
+    match = re.search(r"TF Select ops: ([\w, ]+)", text)
+    if match:
+        for op in match.group(1).split(","):
+            ops.setdefault(op.strip(), set())
+    if not ops:
+        return None
+    details = sorted({line.strip() for line in text.splitlines() if _DETAIL.match(line)})
+    listing = "; ".join(
+        f"{op}" + (f" (at {', '.join(sorted(where))})" if where else "")
+        for op, where in sorted(ops.items())
+    )
+    message = (
+        "TFLite conversion with builtin ops only failed: these TensorFlow ops have no TFLite "
+        f"builtin and would need Flex (TF Select), which LiteRT cannot run without it: {listing}."
+    )
+    if details:
+        message += " Details: " + " | ".join(details[:10])
+    message += (
+        " Rewrite them with builtin-friendly ops: an outer-product einsum as expand_dims and"
+        " multiply, an elementwise-contraction einsum as multiply and sum, a slice that adds"
+        " axes (x[:, None, :, None]) as expand_dims; draw random features at build or redraw"
+        " time, not in call."
+    )
+    return ValueError(message)
+
+
+def convert_saved_model(saved_model_dir, quantization=None, signature_keys=None):
+    """Converts a SavedModel directory to TFLite flatbuffer bytes, builtin ops only.
+
+    Args:
+        saved_model_dir: a SavedModel directory (e.g. written by `export_saved_model`).
+        quantization: None (float32), ``"float16"`` (weights stored as float16, computed in
+            float32) or ``"dynamic_range"`` (weights of 1024+ elements stored as int8, per
+            channel; activations quantized on the fly for matmuls).
+        signature_keys: the signatures to convert (default: all of them).
+
+    Returns:
+        The `.tflite` model as bytes.
+
+    Raises:
+        ValueError: naming the op(s) if the model needs Flex (TF Select) ops.
+    """
+    import tensorflow as tf  # noqa: PLC0415 (lazy: only export needs TensorFlow)
+
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(
+            f"Received an invalid value for argument `quantization`, expected one of "
+            f"{QUANTIZATIONS}. Received: quantization={quantization!r}"
+        )
+    saved_model_dir = os.fspath(saved_model_dir)
+    if signature_keys is None:
+        signature_keys = saved_model_signature_names(saved_model_dir)
+    converter = tf.lite.TFLiteConverter.from_saved_model(
+        saved_model_dir, signature_keys=list(signature_keys)
+    )
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
+    if quantization is not None:
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        if quantization == "float16":
+            converter.target_spec.supported_types = [tf.float16]
+    try:
+        return converter.convert()
+    except Exception as error:  # ConverterError lives in a private module
+        flex = _flex_error(error)
+        if flex is not None:
+            raise flex from None
+        raise
+
+
+def export_tflite(
+    model_or_saved_model_dir,
+    path,
+    quantization=None,
+    *,
+    signature_keys=None,
+    **export_kwargs,
+):
+    """Exports a Keras model (or an exported SavedModel directory) as a builtins-only `.tflite`.
+
+    A Keras model is first exported with `export_saved_model` (into a temporary directory), so
+    the TFLite model has the same signatures: ``serving_default`` and, for decoder models,
+    ``initial_state`` and ``decode_step``.
+
+    Args:
+        model_or_saved_model_dir: a built `keras.Model` or a SavedModel directory.
+        path: the `.tflite` file to write.
+        quantization: None, ``"float16"`` or ``"dynamic_range"`` (see `convert_saved_model`).
+        signature_keys: the signatures to convert (default: all of them).
+        **export_kwargs: passed to `export_saved_model` when a model is given (e.g. ``decode``,
+            ``input_signature``).
+
+    Returns:
+        `path`, a str.
+
+    Raises:
+        ValueError: naming the op(s) if the model needs Flex (TF Select) ops.
+
+    Example:
+
+    >>> export_tflite(model, "model.tflite")  # doctest: +SKIP
+    >>> runner = TFLiteRunner("model.tflite")  # doctest: +SKIP
+    >>> runner.run({"tokens": x})["logits"]  # any batch size and length  # doctest: +SKIP
+    """
+    path = os.fspath(path)
+    if isinstance(model_or_saved_model_dir, (str, os.PathLike)):
+        flatbuffer = convert_saved_model(model_or_saved_model_dir, quantization, signature_keys)
+    else:
+        if quantization not in QUANTIZATIONS:  # fail before the (slow) SavedModel export
+            raise ValueError(
+                f"Received an invalid value for argument `quantization`, expected one of "
+                f"{QUANTIZATIONS}. Received: quantization={quantization!r}"
+            )
+        with tempfile.TemporaryDirectory() as tmp:
+            saved_model_dir = export_saved_model(
+                model_or_saved_model_dir, tmp, version=1, **export_kwargs
+            )
+            flatbuffer = convert_saved_model(saved_model_dir, quantization, signature_keys)
+    directory = os.path.dirname(path)
+    if directory:
+        os.makedirs(directory, exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(flatbuffer)
+    return path
+
+
+class TFLiteRunner:
+    """Runs the signatures of a `.tflite` model with LiteRT's `Interpreter`.
+
+    Inputs may have any batch size and sequence length: every input tensor is resized
+    (`resize_tensor_input`) to the given array's shape and the tensors reallocated before running.
+
+    Args:
+        model: a `.tflite` path or the flatbuffer bytes.
+        num_threads: interpreter threads (None: LiteRT's default).
+    """
+
+    def __init__(self, model, num_threads=None):
+        from ai_edge_litert.interpreter import Interpreter  # noqa: PLC0415 (lazy)
+
+        kwargs = {"num_threads": num_threads} if num_threads else {}
+        if isinstance(model, (bytes, bytearray)):
+            self.interpreter = Interpreter(model_content=bytes(model), **kwargs)
+        else:
+            self.interpreter = Interpreter(model_path=os.fspath(model), **kwargs)
+        self._runners = {}
+
+    @property
+    def signature_names(self):
+        """Sorted signature keys."""
+        return sorted(self.interpreter.get_signature_list())
+
+    def signature(self, signature_name=SERVING_DEFAULT):
+        """(input names, output names) of a signature."""
+        signatures = self.interpreter.get_signature_list()
+        if signature_name not in signatures:
+            raise ValueError(
+                f"Received an invalid value for argument `signature_name`, expected one of "
+                f"{sorted(signatures)}. Received: signature_name={signature_name!r}"
+            )
+        entry = signatures[signature_name]
+        return list(entry["inputs"]), list(entry["outputs"])
+
+    def run(self, inputs, signature_name=SERVING_DEFAULT):
+        """Runs one signature.
+
+        Args:
+            inputs: dict input name -> array-like (cast to the input's dtype).
+            signature_name: the signature key.
+
+        Returns:
+            dict output name -> numpy array (copies).
+        """
+        input_names, _ = self.signature(signature_name)
+        if set(inputs) != set(input_names):
+            raise ValueError(
+                f"Signature {signature_name!r} takes inputs {sorted(input_names)}. "
+                f"Received: inputs with keys {sorted(inputs)}"
+            )
+        if signature_name not in self._runners:
+            self._runners[signature_name] = self.interpreter.get_signature_runner(signature_name)
+        runner = self._runners[signature_name]
+        details = runner.get_input_details()
+        # The signature runner resizes every input tensor to the array's shape
+        # (ResizeInputTensor, as `resize_tensor_input`) and reallocates before invoking.
+        feed = {
+            name: np.ascontiguousarray(np.asarray(value, dtype=details[name]["dtype"]))
+            for name, value in inputs.items()
+        }
+        return {name: np.array(value) for name, value in runner(**feed).items()}
