@@ -42,7 +42,9 @@ def serialize(feature_map):
 
 
 def deserialize(config, custom_objects=None):
-    """The feature map described by `config` (from `serialize`)."""
+    """The feature map described by `config` (from `serialize`, or a string name)."""
+    if isinstance(config, str) and config in ALIASES:
+        return ALIASES[config]()
     return keras.saving.deserialize_keras_object(
         config, module_objects=_MODULE_OBJECTS, custom_objects=custom_objects
     )
