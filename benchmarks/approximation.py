@@ -162,35 +162,45 @@ def plot(results, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    colors = dict(zip(ALL_MAPS, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
     regimes = list(results["kernel"])
-    fig, axes = plt.subplots(1, len(regimes) + 1, figsize=(5 * (len(regimes) + 1), 4))
+    fig, axes = plt.subplots(1, len(regimes) + 1, figsize=(5 * (len(regimes) + 1), 4.5))
     for ax, regime in zip(axes, regimes):
         rows = results["kernel"][regime]
         for name in SOFTMAX_MAPS:
             for kind, style in (("orthogonal", "-"), ("iid", "--")):
                 sel = [r for r in rows if r["map"] == name and r["features"] == kind]
-                ax.loglog(
+                ax.plot(
                     [r["M"] for r in sel],
                     [r["relative_mse"] for r in sel],
                     style,
+                    color=colors[name],
+                    marker=".",
                     label=f"{name} {kind}",
                 )
         ax.set_title(f"kernel relative MSE, {regime}")
-        ax.set_xlabel("random features M")
     axes[0].legend(fontsize=7)
     ax = axes[-1]
+    styles = dict(zip(results["attention"], ("-", "--", ":")))
     for regime, rows in results["attention"].items():
         for name in ALL_MAPS:
             sel = [r for r in rows if r["map"] == name and r["M"]]
             if sel:
-                ax.loglog(
+                ax.plot(
                     [r["M"] for r in sel],
                     [r["relative_error"] for r in sel],
+                    styles[regime],
+                    color=colors[name],
+                    marker=".",
                     label=f"{name} {regime}",
                 )
-    ax.set_title("attention output relative error")
-    ax.set_xlabel("random features M")
+    ax.set_title("attention output relative error (L=256)")
     ax.legend(fontsize=6)
+    for ax in axes:
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("random features M")
+        ax.grid(True, which="major", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
 
