@@ -30,7 +30,7 @@ def rotate(x, max_wavelength):
 
 
 def attention(layer, query, value, key_mask=None, causal=False, rotary_max_wavelength=None):
-    """softmax(Q Kᵀ / √H) V through the layer's four projections. query (B, T, E), value (B, S, E)."""
+    """softmax(Q Kᵀ / √H) V through the layer's projections. query (B, T, E), value (B, S, E)."""
     w = _weights(layer)
     query, value = np.asarray(query, "float64"), np.asarray(value, "float64")
     q = np.einsum("btE,ENH->btNH", query, w["query/kernel"]) + w["query/bias"]
