@@ -103,6 +103,54 @@ def time_call(fn, *, warmup=1, repeats=5):
     }
 
 
+def _summary(times, cpu_times):
+    return {
+        "min_s": min(times),
+        "median_s": statistics.median(times),
+        "cpu_min_s": min(cpu_times),
+        "cpu_median_s": statistics.median(cpu_times),
+        "times_s": times,
+        "cpu_times_s": cpu_times,
+    }
+
+
+def time_interleaved(fns, *, warmup=1, repeats=5):
+    """Time several callables in rounds (each one once per round), for fair ratios between them.
+
+    On a machine shared with other jobs the load drifts; interleaving exposes every callable to
+    the same drift, and the minimum over rounds is the least disturbed estimate of each one's
+    cost. `fns` maps names to callables that block until their result is ready; a callable that
+    raises is dropped and its error returned under its name as {"error": ...}.
+
+    Returns {name: {"min_s", "median_s", "cpu_min_s", "cpu_median_s", "times_s", "cpu_times_s"}}.
+    """
+    live, failed = dict(fns), {}
+
+    def call(name):
+        try:
+            live[name]()
+            return True
+        except Exception as error:  # noqa: BLE001 - reported to the caller, not raised
+            failed[name] = {"error": f"{type(error).__name__}: {str(error)[:300]}"}
+            del live[name]
+            return False
+
+    for _ in range(warmup):
+        for name in list(live):
+            call(name)
+    times = {name: [] for name in live}
+    cpu_times = {name: [] for name in live}
+    for _ in range(repeats):
+        for name in list(live):
+            start, cpu_start = time.perf_counter(), time.process_time()
+            if call(name):
+                times[name].append(time.perf_counter() - start)
+                cpu_times[name].append(time.process_time() - cpu_start)
+    results = {name: _summary(times[name], cpu_times[name]) for name in live}
+    results.update(failed)
+    return results
+
+
 def write_json(name, data):
     """Write `data` to benchmarks/results/<name>.json and return the path."""
     os.makedirs(RESULTS_DIR, exist_ok=True)

@@ -24,7 +24,10 @@ class SoftmaxHyperbolic(ExponentialFeatureMap):
     def logits(self, x, w, params, *, is_query):
         u = ops.matmul(x, ops.transpose(w))  # (B, N, L, M)
         u = ops.concatenate([u, -u], axis=-1)  # (B, N, L, 2M)
-        return u if is_query else u - half_squared_norm(x)
+        return u if is_query else u + self.key_row_logits(x, w, params)
+
+    def key_row_logits(self, x, w, params):
+        return -half_squared_norm(x)  # (B, N, L, 1)
 
     def logit_bound(self, w, params):
         key_dim = w.shape[-1]

@@ -28,7 +28,9 @@ class SoftmaxOptimal(ExponentialFeatureMap):
     """
 
     def __init__(self, rho=None):
-        if rho is not None and (isinstance(rho, bool) or not isinstance(rho, (int, float)) or rho < 0):
+        if rho is not None and (
+            isinstance(rho, bool) or not isinstance(rho, (int, float)) or rho < 0
+        ):
             raise ValueError(
                 "Received an invalid value for argument `rho`, expected None or a non-negative "
                 f"number. Received: rho={rho!r}"
@@ -70,7 +72,10 @@ class SoftmaxOptimal(ExponentialFeatureMap):
         omega_sq = ops.sum(ops.square(w), axis=-1) * float(key_dim) ** 0.5  # (M,) = ‖ω‖²
         u = ops.matmul(x, ops.transpose(w))  # (B, N, L, M)
         logits = b * u + a * omega_sq
-        return logits if is_query else logits - half_squared_norm(x)
+        return logits if is_query else logits + self.key_row_logits(x, w, params)
+
+    def key_row_logits(self, x, w, params):
+        return -half_squared_norm(x)  # (B, N, L, 1)
 
     def logit_bound(self, w, params):
         # A‖ω‖² + B ωᵀy − ‖y‖²/2 ≤ A‖ω‖² + B²‖ω‖²/2 = (1/2 − A)‖ω‖².

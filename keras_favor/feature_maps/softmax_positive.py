@@ -21,7 +21,10 @@ class SoftmaxPositive(ExponentialFeatureMap):
 
     def logits(self, x, w, params, *, is_query):
         u = ops.matmul(x, ops.transpose(w))  # (B, N, L, M)
-        return u if is_query else u - half_squared_norm(x)
+        return u if is_query else u + self.key_row_logits(x, w, params)
+
+    def key_row_logits(self, x, w, params):
+        return -half_squared_norm(x)  # (B, N, L, 1)
 
     def logit_bound(self, w, params):
         # ωᵀy − ‖y‖²/2 = ‖ω‖²/2 − ‖y − ω‖²/2 ≤ ‖ω‖²/2, and ‖ω‖² = ‖w‖²·√H.

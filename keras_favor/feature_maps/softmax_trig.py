@@ -34,7 +34,11 @@ class SoftmaxTrig(FeatureMap):
         u_k = ops.matmul(key, ops.transpose(w))  # (B, N, S, M)
         log_weight = half_squared_norm(key)  # (B, N, S, 1)
         if not causal:
-            valid = log_weight if key_mask is None else ops.where(key_mask > 0, log_weight, -float("inf"))
+            valid = (
+                log_weight
+                if key_mask is None
+                else ops.where(key_mask > 0, log_weight, -float("inf"))
+            )
             shift = ops.max(valid, axis=(2, 3), keepdims=True)
             log_weight = log_weight - ops.stop_gradient(ops.where(ops.isfinite(shift), shift, 0.0))
         weight = ops.exp(log_weight)

@@ -66,7 +66,9 @@ def random_features_matrix(num_features, dim, *, orthogonal=True, row_norms="chi
     num_blocks = math.ceil(num_features / dim) if orthogonal else 0
     # One draw for everything keeps an int seed meaningful (stateless) and a generator advancing
     # once: the first K*H rows feed the QR blocks, the last M rows give the chi row norms.
-    gaussian = keras.random.normal((num_blocks * dim + num_features, dim), seed=seed, dtype="float32")
+    gaussian = keras.random.normal(
+        (num_blocks * dim + num_features, dim), seed=seed, dtype="float32"
+    )
     rows = gaussian[num_blocks * dim :]  # (M, H), i.i.d. N(0, I)
     if orthogonal:
         blocks = ops.reshape(gaussian[: num_blocks * dim], (num_blocks, dim, dim))

@@ -108,6 +108,21 @@ def test_float32_accuracy_with_larger_inputs(case):
         np.testing.assert_allclose(out, ref, atol=1e-4 * np.abs(ref).max())
 
 
+@pytest.mark.parametrize("case", ["softmax_positive", "softmax_hyperbolic", "softmax_optimal"])
+def test_causal_keeps_precision_for_large_keys(case):
+    # Keys of norm ‖k·H^(-1/4)‖²/2 ≈ 115 put every key logit ≈ 110 nats below the causal bound
+    # max‖ω‖²/2: without the bound's headroom their scales would underflow float32 (e^-110 < the
+    # smallest subnormal, e^-103) and the output would be 0. With it, causal must still equal the
+    # explicit float64 computation.
+    q, _, v = inputs(9, scale=0.5)
+    _, k, _ = inputs(9, scale=9.0, seed=1)
+    w = projection_for(case)
+    out = favor(case, q, k, v, w, causal=True, chunk_size=4)
+    ref = expected(case, q, k, v, w, causal=True)
+    assert np.abs(ref).max() > 0.1
+    np.testing.assert_allclose(out, ref, atol=1e-4 * np.abs(ref).max())
+
+
 def test_default_feature_map_is_softmax_positive():
     q, k, v = inputs(6)
     w = random_features_matrix(M, H, seed=2)
