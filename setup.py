@@ -25,6 +25,8 @@ setup(
             "tensorflow-serving-api>=2.21,<2.22",
             "psutil",
             "matplotlib",
+            "safetensors",
+            "tokenizers",
         ],
         "benchmarks": ["matplotlib", "jax[cpu]", "psutil"],
     },
