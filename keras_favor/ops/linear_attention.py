@@ -78,17 +78,44 @@ def _with_ones_column(value):
     return ops.concatenate([value, ones], axis=-1)
 
 
-def _normalise(out):
-    # (..., D+1) -> (..., D). Only an all-zero feature row gives a zero normaliser (padded or fully
-    # underflowed positions); their numerator is zero too, and the output is 0 instead of NaN.
-    # `split`, not slices: a strided slice's gradient costs ~10 % of the whole backward pass on CPU.
-    num, den = ops.split(out, [out.shape[-1] - 1], axis=-1)
-    return num / ops.where(ops.equal(den, 0.0), 1.0, den)
+# The backward pass of num/den divides by den twice; a normaliser below this (all of a query's
+# visible keys tiny, e.g. very large key norms early in a causal sequence) would overflow it to inf.
+_GRAD_DEN_FLOOR = 1e-30
 
 
 def _upstream(args, upstream):
     # keras.ops.custom_gradient passes the output gradient positionally (TensorFlow) or by name.
     return args[0] if upstream is None else upstream
+
+
+@ops.custom_gradient
+def _divide(num, den):
+    # num (..., D) / den (..., 1). The forward pass is the exact quotient. The gradient is the exact
+    # one, d_num = g/den and d_den = -Σ g·out / den, except that |den| is floored at
+    # _GRAD_DEN_FLOOR there: autodiff's (-num/den)/den overflows to -inf (then NaN) for a tiny but
+    # representable den, which training hit with causal attention.
+    out = num / den
+
+    def grad(*args, upstream=None):
+        g = _upstream(args, upstream)
+        floored = ops.where(
+            ops.abs(den) < _GRAD_DEN_FLOOR,
+            ops.where(den < 0, -_GRAD_DEN_FLOOR, _GRAD_DEN_FLOOR),
+            den,
+        )
+        d_num = g / floored
+        d_den = -ops.sum(g * out, axis=-1, keepdims=True) / floored
+        return d_num, d_den
+
+    return out, grad
+
+
+def _normalise(out):
+    # (..., D+1) -> (..., D). Only an all-zero feature row gives a zero normaliser (padded or fully
+    # underflowed positions); their numerator is zero too, and the output is 0 instead of NaN.
+    # `split`, not slices: a strided slice's gradient costs ~10 % of the whole backward pass on CPU.
+    num, den = ops.split(out, [out.shape[-1] - 1], axis=-1)
+    return _divide(num, ops.where(ops.equal(den, 0.0), 1.0, den))
 
 
 # The linear-attention cores below have hand-written gradients: the same products autodiff
