@@ -1,0 +1,356 @@
+"""Byte-level language modelling: exact softmax attention vs FAVOR feature maps, equal budgets.
+
+Run from the repository root:
+
+    python examples/char_lm.py                      # the default budget (see --help)
+    python examples/char_lm.py --steps 300 --variants exact favor_positive_redraw
+
+Every variant is the same model apart from its attention: token embeddings plus sinusoidal
+positions, `num_blocks` pre-LN decoder blocks (causal self-attention, then a GELU feed-forward
+network, each with a residual connection), a final layer norm and a Dense head over the 256 bytes.
+They train on the same windows of the Python standard library's source (`examples/data.py`), in
+the same order, for the same number of steps, with the same widths and optimizer:
+
+- ``exact``: `keras.layers.MultiHeadAttention` with `use_causal_mask=True` (softmax attention),
+  in a block built here with exactly the structure of `FavorTransformerDecoder`.
+- ``favor_positive_redraw``: FAVOR+ (positive random features), redrawn during training with
+  `RedrawRandomFeatures`.
+- ``favor_positive_fixed``: FAVOR+ with the random features drawn once, never redrawn.
+- ``favor_hyperbolic``: hyperbolic positive features (2M features), redrawn.
+- ``favor_relu``: generalized attention with ReLU random features, redrawn.
+
+Writes, to `--output-dir` (default `examples/results/char_lm/`): `results.md` (a markdown table of
+validation bits per byte, training time and parameters), `results.csv`, `results.json` (with the
+curves and settings) and `loss_curves.png` (validation bits per byte against step).
+"""
+
+import csv
+import json
+import math
+import os
+import platform
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+if __package__ in (None, ""):  # run as a script: make `examples` importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import keras  # noqa: E402
+
+from examples import data  # noqa: E402
+from examples.quickstart import train  # noqa: E402
+from keras_favor.layers import FavorTransformerDecoder, TokenAndPositionEmbedding  # noqa: E402
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_OUTPUT_DIR = os.path.join(REPO_ROOT, "examples", "results", "char_lm")
+
+# name -> (attention, FAVOR feature map, redraw during training)
+VARIANTS = {
+    "exact": ("exact", None, False),
+    "favor_positive_redraw": ("favor", "softmax_positive", True),
+    "favor_positive_fixed": ("favor", "softmax_positive", False),
+    "favor_hyperbolic": ("favor", "softmax_hyperbolic", True),
+    "favor_relu": ("favor", "relu", True),
+}
+DESCRIPTIONS = {
+    "exact": "exact softmax (MultiHeadAttention)",
+    "favor_positive_redraw": "FAVOR+ positive features, redrawn",
+    "favor_positive_fixed": "FAVOR+ positive features, never redrawn",
+    "favor_hyperbolic": "FAVOR+ hyperbolic features (2M), redrawn",
+    "favor_relu": "FAVOR ReLU random features, redrawn",
+}
+
+
+def exact_decoder_block(x, intermediate_dim, num_heads, seed, name):
+    """The pre-LN `FavorTransformerDecoder` structure with exact causal softmax attention.
+
+    x + MHA(LN(x)) (causal), then x + Dense(GELU(Dense(LN(x)))): the same layers, shapes and
+    initializers as `FavorTransformerDecoder(normalize_first=True, activation="gelu")`, whose
+    `FavorAttention` has `MultiHeadAttention`'s projections.
+    """
+    width = x.shape[-1]
+    h = keras.layers.LayerNormalization(epsilon=1e-5, name=f"{name}_attention_norm")(x)
+    h = keras.layers.MultiHeadAttention(
+        num_heads,
+        width // num_heads,
+        kernel_initializer=keras.initializers.GlorotUniform(seed=seed),
+        name=f"{name}_attention",
+    )(h, h, use_causal_mask=True)
+    x = keras.layers.Add(name=f"{name}_attention_residual")([x, h])
+    h = keras.layers.LayerNormalization(epsilon=1e-5, name=f"{name}_feedforward_norm")(x)
+    h = keras.layers.Dense(
+        intermediate_dim,
+        activation="gelu",
+        kernel_initializer=keras.initializers.GlorotUniform(seed=seed + 1),
+        name=f"{name}_feedforward_intermediate",
+    )(h)
+    h = keras.layers.Dense(
+        width,
+        kernel_initializer=keras.initializers.GlorotUniform(seed=seed + 2),
+        name=f"{name}_feedforward_output",
+    )(h)
+    return keras.layers.Add(name=f"{name}_feedforward_residual")([x, h])
+
+
+def build_model(
+    variant,
+    width=128,
+    num_heads=4,
+    num_blocks=2,
+    intermediate_dim=512,
+    num_random_features=64,
+    causal_chunk_size=128,
+    seed=0,
+):
+    """The byte-level language model of one variant (see `VARIANTS`)."""
+    attention, feature_map, _ = VARIANTS[variant]
+    token_ids = keras.Input((None,), dtype="int32", name="token_ids")
+    x = TokenAndPositionEmbedding(
+        data.VOCABULARY_SIZE,
+        None,
+        width,
+        position_embedding_type="sine",  # the same positions for exact attention and FAVOR
+        embeddings_initializer=keras.initializers.RandomNormal(stddev=0.02, seed=seed),
+        name="embedding",
+    )(token_ids)
+    for i in range(num_blocks):
+        block_seed = seed * 1000 + 10 * i
+        if attention == "exact":
+            x = exact_decoder_block(x, intermediate_dim, num_heads, block_seed, f"decoder_{i}")
+        else:
+            x = FavorTransformerDecoder(
+                intermediate_dim=intermediate_dim,
+                num_heads=num_heads,
+                activation="gelu",
+                normalize_first=True,
+                feature_map=feature_map,
+                num_random_features=num_random_features,
+                causal_chunk_size=causal_chunk_size,
+                seed=block_seed,
+                name=f"decoder_{i}",
+            )(x)
+    x = keras.layers.LayerNormalization(epsilon=1e-5, name="final_norm")(x)
+    logits = keras.layers.Dense(data.VOCABULARY_SIZE, name="logits")(x)
+    return keras.Model(token_ids, logits, name=f"byte_lm_{variant}")
+
+
+def write_results(output_dir, results, settings):
+    """Writes results.json, results.csv, results.md and loss_curves.png; returns their paths."""
+    os.makedirs(output_dir, exist_ok=True)
+    paths = {
+        name: os.path.join(output_dir, name)
+        for name in ("results.json", "results.csv", "results.md", "loss_curves.png")
+    }
+    with open(paths["results.json"], "w") as f:
+        json.dump({"settings": settings, "results": results}, f, indent=2)
+    columns = [
+        "variant",
+        "validation_bits_per_byte",
+        "final_train_bits_per_byte",
+        "train_seconds",
+        "seconds_per_step",
+        "parameters",
+    ]
+    with open(paths["results.csv"], "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(columns)
+        for row in results:
+            writer.writerow([row[c] for c in columns])
+    lines = [
+        f"Byte-level LM on the Python {settings['python']} standard library source: "
+        f"{settings['steps']} steps of {settings['batch_size']} x {settings['sequence_length']} "
+        f"bytes, width {settings['width']}, {settings['num_blocks']} blocks, "
+        f"{settings['num_heads']} heads, M = {settings['num_random_features']} random features"
+        + (f", redraw every {settings['redraw_every']} steps" if settings["redraw_every"] else "")
+        + f"; validation on {settings['validation_bytes']:,} held-out bytes.",
+        "",
+        "| variant | attention | validation bits/byte | train bits/byte (last epoch) "
+        "| train time (s) | s/step |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in results:
+        lines.append(
+            f"| `{row['variant']}` | {DESCRIPTIONS[row['variant']]} | "
+            f"{row['validation_bits_per_byte']:.3f} | {row['final_train_bits_per_byte']:.3f} | "
+            f"{row['train_seconds']:.0f} | {row['seconds_per_step']:.3f} |"
+        )
+    with open(paths["results.md"], "w") as f:
+        f.write("\n".join(lines) + "\n")
+    _plot(paths["loss_curves.png"], results)
+    return paths
+
+
+def _plot(path, results):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, row in enumerate(results):
+        color = f"C{i}"
+        ax.plot(
+            row["steps"],
+            row["val_bits_per_byte"],
+            "-o",
+            color=color,
+            ms=3,
+            label=f"{row['variant']} (validation)",
+        )
+        # Training loss: the mean over each epoch, drawn at the epoch's middle step.
+        half = row["steps"][0] / 2
+        middle = [step - half for step in row["steps"]]
+        ax.plot(middle, row["train_bits_per_byte"], "--", color=color, alpha=0.5)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("bits per byte")
+    ax.set_title("Byte-level LM: validation (solid) and training (dashed) loss")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(
+    variants=tuple(VARIANTS),
+    steps=600,
+    evaluations=6,
+    batch_size=16,
+    sequence_length=256,
+    width=128,
+    num_heads=4,
+    num_blocks=2,
+    intermediate_dim=512,
+    num_random_features=64,
+    learning_rate=2e-3,
+    redraw_every=250,
+    validation_windows=64,
+    max_train_bytes=None,
+    max_validation_bytes=None,
+    output_dir=DEFAULT_OUTPUT_DIR,
+    seed=0,
+    verbose=1,
+):
+    """Trains every variant with the same budget and writes the comparison.
+
+    Args:
+        variants: names from `VARIANTS`.
+        steps: optimizer steps per variant.
+        evaluations: the steps are split into this many epochs, each followed by a validation
+            pass (the points of the curves).
+        batch_size, sequence_length: training windows per step and their length in bytes.
+        width, num_heads, num_blocks, intermediate_dim, num_random_features: model size.
+        learning_rate: peak learning rate (linear warm-up, cosine decay).
+        redraw_every: steps between redraws for the variants that redraw (the default redraws
+            at steps 250 and 500 of 600, leaving the last steps to settle on the final
+            features: a redraw after the very last step would be evaluated untrained).
+        validation_windows: validation windows of `sequence_length` bytes, spread evenly over
+            the validation split.
+        max_train_bytes, max_validation_bytes: cap the corpus (None: all of it).
+        output_dir: where the tables and the plot go.
+        seed: seeds the weights, random features and data order (the same for every variant).
+        verbose: Keras progress bars (1) or quiet (0).
+
+    Returns:
+        A dict: "results" (one dict per variant), "paths" (the files written).
+    """
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise ValueError(
+            f"Received an invalid value for argument `variants`, expected names from "
+            f"{list(VARIANTS)}. Received: variants={list(variants)}"
+        )
+    corpus = data.load_corpus(max_train_bytes, max_validation_bytes)
+    val_x, _ = data.validation_windows(corpus.validation, sequence_length, validation_windows)
+    print(f"Corpus: {corpus}")
+    results = []
+    for variant in variants:
+        keras.utils.set_random_seed(seed)
+        model = build_model(
+            variant,
+            width=width,
+            num_heads=num_heads,
+            num_blocks=num_blocks,
+            intermediate_dim=intermediate_dim,
+            num_random_features=num_random_features,
+            seed=seed,
+        )
+        redraw = VARIANTS[variant][2]
+        print(
+            f"\n== {variant}: {DESCRIPTIONS[variant]}, "
+            f"{data.trainable_parameters(model):,} trainable parameters"
+        )
+        start = time.perf_counter()
+        history, _ = train(
+            model,
+            corpus,
+            steps,
+            batch_size,
+            sequence_length,
+            epochs=evaluations,
+            learning_rate=learning_rate,
+            redraw_every=redraw_every if redraw else None,
+            validation_windows=validation_windows,
+            seed=seed,
+            verbose=verbose,
+        )
+        seconds = time.perf_counter() - start
+        train_bpb = [data.bits_per_byte(v) for v in history["loss"]]
+        val_bpb = [data.bits_per_byte(v) for v in history["val_loss"]]
+        steps_per_epoch = max(1, steps // max(1, min(evaluations, steps)))
+        done = steps_per_epoch * len(val_bpb)
+        results.append(
+            {
+                "variant": variant,
+                "validation_bits_per_byte": val_bpb[-1],
+                "final_train_bits_per_byte": train_bpb[-1],
+                "train_seconds": seconds,
+                "seconds_per_step": seconds / done,
+                "parameters": data.trainable_parameters(model),
+                "steps": [steps_per_epoch * (i + 1) for i in range(len(val_bpb))],
+                "train_bits_per_byte": train_bpb,
+                "val_bits_per_byte": val_bpb,
+            }
+        )
+        print(f"{variant}: validation {val_bpb[-1]:.3f} bits/byte, {seconds:.0f} s")
+    settings = {
+        "variants": list(variants),
+        "steps": steps,
+        "evaluations": evaluations,
+        "batch_size": batch_size,
+        "sequence_length": sequence_length,
+        "width": width,
+        "num_heads": num_heads,
+        "num_blocks": num_blocks,
+        "intermediate_dim": intermediate_dim,
+        "num_random_features": num_random_features,
+        "learning_rate": learning_rate,
+        "redraw_every": redraw_every,
+        "validation_windows": validation_windows,
+        "validation_bytes": int(val_x.size),
+        "train_bytes": int(corpus.train.size),
+        "seed": seed,
+        "python": platform.python_version(),
+        "keras": keras.__version__,
+        "backend": keras.backend.backend(),
+        "cpu_count": os.cpu_count(),
+    }
+    paths = write_results(output_dir, results, settings)
+    with open(paths["results.md"]) as f:
+        print("\n" + f.read())
+    print("Wrote " + ", ".join(paths.values()))
+    if not all(math.isfinite(r["validation_bits_per_byte"]) for r in results):
+        raise RuntimeError("A variant's validation loss is not finite.")
+    return {"results": results, "paths": paths}
+
+
+if __name__ == "__main__":
+    main(
+        **data.parse_main_arguments(
+            main,
+            types={"max_train_bytes": int, "max_validation_bytes": int},
+            choices={"variants": list(VARIANTS)},
+        )
+    )

@@ -1,0 +1,298 @@
+"""Every example's `main()` runs end to end with tiny settings and produces what it promises.
+
+Tiny models (width 16, one or two blocks) and a few optimizer steps: each test takes seconds. The
+quickstart test still runs an 8192-token sequence through Keras, the SavedModel and the TFLite
+model. Examples that export need the TensorFlow backend; the others run on any backend.
+"""
+
+import json
+import math
+import os
+
+import keras
+import numpy as np
+import pytest
+
+from examples import char_lm, data, long_classification
+
+tf_only = pytest.mark.skipif(
+    keras.backend.backend() != "tensorflow", reason="export needs the TensorFlow backend"
+)
+
+TINY_LM = dict(width=16, num_heads=2, num_blocks=1, intermediate_dim=32, num_random_features=16)
+TINY_CORPUS = dict(max_train_bytes=100_000)
+
+
+def finite(values):
+    return all(math.isfinite(v) for v in values)
+
+
+# ------------------------------------------------------------------------------------------------
+# examples/data.py
+
+
+def test_corpus_is_deterministic_and_split_by_file():
+    first = data.load_corpus(60_000, 20_000)
+    second = data.load_corpus(60_000, 20_000)
+    np.testing.assert_array_equal(first.train, second.train)
+    np.testing.assert_array_equal(first.validation, second.validation)
+    assert first.train.size == 60_000 and first.validation.size == 20_000
+    files = data.stdlib_source_files()
+    assert files == sorted(files, key=lambda p: os.path.relpath(p, data.stdlib_dir()))
+    # Training reads files 0, 1, ..., 8, 10, ...; validation reads every 10th: 9, 19, ...
+    with open(files[0], "rb") as f:
+        text = f.read() + b"\n\n"
+    with open(files[1], "rb") as f:
+        text += f.read()
+    np.testing.assert_array_equal(first.train[: len(text)], np.frombuffer(text, np.uint8))
+    with open(files[data.VALIDATION_EVERY - 1], "rb") as f:
+        head = np.frombuffer(f.read()[:200], np.uint8)
+    np.testing.assert_array_equal(first.validation[: head.size], head)
+
+
+def test_windows_targets_are_the_next_bytes():
+    tokens = np.arange(100, dtype=np.uint8)
+    x, y = data.windows(tokens, np.array([0, 10]), 5)
+    np.testing.assert_array_equal(x[1], [10, 11, 12, 13, 14])
+    np.testing.assert_array_equal(y[1], [11, 12, 13, 14, 15])
+    vx, _ = data.validation_windows(tokens, 9, max_windows=3)  # 11 fit; 3 spread over them
+    np.testing.assert_array_equal(vx[:, 0], [0, 27, 63])
+    assert data.validation_windows(tokens, 9)[0].shape == (11, 9)
+    with pytest.raises(ValueError, match="length"):
+        data.validation_windows(tokens, 100)
+
+
+def test_random_windows_are_reproducible_and_change_per_epoch():
+    tokens = np.arange(1000, dtype=np.int64) % 256
+    a = data.RandomWindows(tokens, 8, 4, steps=3, seed=1)
+    b = data.RandomWindows(tokens, 8, 4, steps=3, seed=1)
+    np.testing.assert_array_equal(a[2][0], b[2][0])
+    first = a[0][0]
+    a.on_epoch_end()
+    assert not np.array_equal(first, a[0][0])
+    assert data.decode(data.encode("héllo")) == "héllo"
+    assert data.bits_per_byte(math.log(2)) == pytest.approx(1.0)
+    logits = np.log(np.array([[0.5, 0.25, 0.25]]))
+    assert data.cross_entropy(logits, np.array([0])) == pytest.approx(math.log(2))
+
+
+# ------------------------------------------------------------------------------------------------
+# examples/quickstart.py
+
+
+@tf_only
+def test_quickstart(tmp_path):
+    from examples import quickstart
+
+    output = str(tmp_path / "saved_models" / "quickstart")
+    result = quickstart.main(
+        steps=12,
+        epochs=2,
+        batch_size=4,
+        sequence_length=64,
+        learning_rate=1e-2,
+        redraw_every=4,
+        validation_windows=4,
+        long_steps=2,  # the long-context epoch: 2 steps of 2 x 128 bytes
+        long_sequence_length=128,
+        max_validation_bytes=20_000,
+        long_length=8192,
+        sample_length=8,
+        output=output,
+        verbose=0,
+        **TINY_LM,
+        **TINY_CORPUS,
+    )
+    assert os.path.isfile(os.path.join(output, "1", "saved_model.pb"))
+    assert result["saved_model_dir"] == os.path.join(output, "1")
+    assert os.path.getsize(output + ".tflite") > 0 and os.path.isfile(output + ".keras")
+    losses = result["history"]["loss"]
+    assert len(losses) == 3  # two epochs on short windows, one on long windows
+    assert finite(losses + result["history"]["val_loss"]) and losses[-1] < losses[0]
+    assert math.isfinite(result["validation_bits_per_byte"])
+    assert result["redraw_counts"] == [3]  # 14 steps, every 4
+    # The 8192-token sequence gives the same logits in Keras, the SavedModel and TFLite.
+    assert result["differences"]["saved_model"] < 1e-4
+    assert result["differences"]["tflite"] < 1e-4
+    bpb = result["long_sequence_bits_per_byte"]
+    assert bpb["tflite"] == pytest.approx(bpb["keras"], abs=1e-4)
+    assert result["decode_difference"] < 1e-4
+    assert result["sample"].startswith(quickstart.DEFAULT_PROMPT)
+    assert set(result["timings"]) >= {"train", "export SavedModel", "export TFLite"}
+
+
+@tf_only  # eager JAX runs the chunked causal loop op by op: slow, and nothing backend-specific
+def test_quickstart_model_takes_long_sequences():
+    from examples import quickstart
+
+    model = quickstart.build_model(**TINY_LM)
+    logits = model(np.zeros((1, 8200), "int32"))  # rotary positions: no length limit
+    assert tuple(logits.shape) == (1, 8200, data.VOCABULARY_SIZE)
+
+
+# ------------------------------------------------------------------------------------------------
+# examples/char_lm.py
+
+
+def test_char_lm(tmp_path):
+    result = char_lm.main(
+        steps=8,
+        evaluations=2,
+        batch_size=4,
+        sequence_length=32,
+        learning_rate=1e-2,
+        redraw_every=2,
+        validation_windows=4,
+        max_validation_bytes=20_000,
+        output_dir=str(tmp_path),
+        verbose=0,
+        **TINY_LM,
+        **TINY_CORPUS,
+    )
+    rows = {row["variant"]: row for row in result["results"]}
+    assert list(rows) == list(char_lm.VARIANTS)
+    for row in rows.values():
+        assert finite(row["val_bits_per_byte"] + row["train_bits_per_byte"])
+        assert row["train_bits_per_byte"][-1] < row["train_bits_per_byte"][0]
+        assert row["steps"] == [4, 8]
+    # Equal budgets: exact attention has exactly the parameters of the FAVOR variants.
+    assert len({row["parameters"] for row in rows.values()}) == 1
+    for name in ("results.md", "results.csv", "results.json", "loss_curves.png"):
+        assert os.path.getsize(tmp_path / name) > 0
+    with open(tmp_path / "results.json") as f:
+        assert len(json.load(f)["results"]) == len(char_lm.VARIANTS)
+    assert (tmp_path / "loss_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_char_lm_rejects_unknown_variants(tmp_path):
+    with pytest.raises(ValueError, match="variants"):
+        char_lm.main(variants=["exact", "nope"], output_dir=str(tmp_path))
+
+
+# ------------------------------------------------------------------------------------------------
+# examples/long_classification.py
+
+
+def evaluate_listops(tokens):
+    """An independent ListOps evaluator (a stack machine) for the generator's labels."""
+    stack = []
+    for token in tokens:
+        if token.startswith("["):
+            stack.append([token])
+        elif token == "]":
+            operator, *values = stack.pop()
+            value = {
+                "[MIN": min,
+                "[MAX": max,
+                "[MED": lambda v: int(np.floor(np.median(v))),
+                "[SM": lambda v: sum(v) % 10,
+            }[operator](values)
+            if not stack:
+                return value
+            stack[-1].append(value)
+        else:
+            if not stack:
+                return int(token)
+            stack[-1].append(int(token))
+    raise AssertionError("unbalanced expression")
+
+
+def test_listops_generator():
+    expressions, labels = long_classification.generate_listops(
+        40, min_length=20, max_length=120, seed=3
+    )
+    again, again_labels = long_classification.generate_listops(
+        40, min_length=20, max_length=120, seed=3
+    )
+    assert expressions == again and np.array_equal(labels, again_labels)
+    assert len({" ".join(e) for e in expressions}) == 40
+    for tokens, label in zip(expressions, labels):
+        assert 20 < len(tokens) < 120
+        assert evaluate_listops(tokens) == label
+    assert evaluate_listops("[MAX 4 3 [MIN 2 3 ] 1 0 [MED 1 5 8 9 2 ] ]".split()) == 5
+    ids = long_classification.encode(expressions[:2], 130)
+    assert ids.shape == (2, 130) and (ids[0, len(expressions[0]) :] == 0).all()
+
+
+def test_long_classification(tmp_path):
+    result = long_classification.main(
+        train_examples=48,
+        test_examples=16,
+        min_length=10,
+        max_length=64,
+        steps=12,
+        epochs=2,
+        batch_size=8,
+        width=16,
+        num_heads=2,
+        num_blocks=1,
+        intermediate_dim=32,
+        num_random_features=16,
+        learning_rate=3e-3,
+        output_dir=str(tmp_path),
+        verbose=0,
+    )
+    rows = {row["variant"]: row for row in result["results"]}
+    assert list(rows) == ["favor", "exact"]
+    for row in rows.values():
+        assert 0.0 <= row["test_accuracy"] <= 1.0
+        assert finite(row["loss"]) and row["loss"][-1] < row["loss"][0]
+        assert row["inference_seconds_per_batch"] > 0
+    assert rows["favor"]["parameters"] == rows["exact"]["parameters"]
+    assert result["settings"]["padded_length"] == 63
+    for name in ("results.md", "results.csv", "results.json"):
+        assert os.path.getsize(tmp_path / name) > 0
+
+
+# ------------------------------------------------------------------------------------------------
+# examples/export_tf_serving.py and examples/export_tflite.py
+
+TINY_EXPORT = dict(
+    steps=4,
+    batch_size=4,
+    sequence_length=32,
+    max_train_bytes=50_000,
+    num_tokens=4,
+    verbose=0,
+    **TINY_LM,
+)
+
+
+@tf_only
+def test_export_tf_serving(tmp_path):
+    from examples import export_tf_serving
+
+    output = str(tmp_path / "favor_lm")
+    result = export_tf_serving.main(
+        output=output, check_length=64, saved_model_cli=False, **TINY_EXPORT
+    )
+    assert result["saved_model_dir"] == os.path.join(output, "1")
+    assert result["signatures"] == ["decode_step", "initial_state", "serving_default"]
+    assert set(result["differences"]) == {
+        "c_api_serving_default",
+        "rest_instances",
+        "rest_inputs",
+        "c_api_decode_step",
+        "rest_decode_step",
+    }
+    assert max(result["differences"].values()) < 1e-4
+    predictions = np.asarray(result["row_response"]["predictions"])
+    assert predictions.shape == (1, len(export_tf_serving.DEFAULT_PROMPT), data.VOCABULARY_SIZE)
+    assert len(result["generated"]) >= 1
+    # One (S, z) pair of the single block: S (1, N, M, D), z (1, N, M).
+    assert sorted(result["state_shapes"].values()) == [[1, 2, 16], [1, 2, 16, 8]]
+
+
+@tf_only
+def test_export_tflite(tmp_path):
+    from examples import export_tflite
+
+    output = str(tmp_path / "favor_lm.tflite")
+    result = export_tflite.main(output=output, lengths=(16, 4096), **TINY_EXPORT)
+    assert os.path.getsize(output) > 0
+    assert result["signatures"] == ["decode_step", "initial_state", "serving_default"]
+    assert [c["length"] for c in result["checks"]] == [16, 4096]
+    for check in result["checks"]:
+        assert check["max_abs_difference"] < 1e-4
+        assert check["tflite_bits_per_byte"] == pytest.approx(check["keras_bits_per_byte"], 1e-4)
+    assert result["decode_difference"] < 1e-4
