@@ -10,11 +10,9 @@ position of the decoded token.
 """
 
 import keras
-from keras import ops
 
 from keras_favor.layers.favor_attention import FavorAttention
 from keras_favor.layers.rotary_embedding import apply_rotary_embedding
-from keras_favor.ops.linear_attention import favor_attention_step
 
 
 class RotaryEinsumDense(keras.layers.EinsumDense):
@@ -70,35 +68,7 @@ class RotaryFavorAttention(FavorAttention):
 
     def step(self, query, value, state, key=None, position=0):
         """`FavorAttention.step` with the new token's position: int or int tensor () or (B,)."""
-        key = value if key is None else key
-        for name, x in (("query", query), ("value", value), ("key", key)):
-            if len(x.shape) != 2:
-                raise ValueError(
-                    f"Argument `{name}` of `step` must have rank 2 (batch, features): one "
-                    f"position. Received: {name}.shape={tuple(x.shape)}"
-                )
-        if not isinstance(state, (tuple, list)) or len(state) != 2:
-            raise ValueError(
-                "Argument `state` must be the pair (S, z) from `get_initial_state` or `step`. "
-                f"Received: state={type(state).__name__}"
-            )
-        query = ops.convert_to_tensor(query, dtype=self.compute_dtype)
-        value = ops.convert_to_tensor(value, dtype=self.compute_dtype)
-        key = ops.convert_to_tensor(key, dtype=self.compute_dtype)
-        if not self.built:
-            self.build(
-                (None, None, query.shape[-1]),
-                (None, None, value.shape[-1]),
-                (None, None, key.shape[-1]),
-            )
-        q = self.query_dense(ops.expand_dims(query, 1), start_index=position)[:, 0]  # (B, N, H)
-        k = self.key_dense(ops.expand_dims(key, 1), start_index=position)[:, 0]  # (B, N, H)
-        v = self.value_dense(ops.expand_dims(value, 1))[:, 0]  # (B, N, D)
-        output, state = favor_attention_step(
-            q, k, v, tuple(state), self.feature_map, self.projection_matrix
-        )  # (B, N, D)
-        output = self.output_dense(ops.expand_dims(output, 1))[:, 0]  # (B, E_out)
-        return output, state
+        return self._step(query, value, state, key, start_index=position)
 
     def get_config(self):
         return {**super().get_config(), "rotary_max_wavelength": self.rotary_max_wavelength}

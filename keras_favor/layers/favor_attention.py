@@ -709,6 +709,11 @@ class FavorAttention(keras.layers.Layer):
         Returns:
             The pair (output (B, E_out) in the compute dtype, new state).
         """
+        return self._step(query, value, state, key)
+
+    def _step(self, query, value, state, key, **query_key_kwargs):
+        # The body of `step`; subclasses pass extra call arguments to the query and key
+        # projections (e.g. the position, for rotary embeddings).
         key = value if key is None else key
         for name, x in (("query", query), ("value", value), ("key", key)):
             if len(x.shape) != 2:
@@ -730,8 +735,8 @@ class FavorAttention(keras.layers.Layer):
                 (None, None, value.shape[-1]),
                 (None, None, key.shape[-1]),
             )
-        q = self._query_dense(ops.expand_dims(query, 1))[:, 0]  # (B, N, H)
-        k = self._key_dense(ops.expand_dims(key, 1))[:, 0]  # (B, N, H)
+        q = self._query_dense(ops.expand_dims(query, 1), **query_key_kwargs)[:, 0]  # (B, N, H)
+        k = self._key_dense(ops.expand_dims(key, 1), **query_key_kwargs)[:, 0]  # (B, N, H)
         v = self._value_dense(ops.expand_dims(value, 1))[:, 0]  # (B, N, D)
         output, state = favor_attention_step(
             q, k, v, tuple(state), self._feature_map, self.projection_matrix
