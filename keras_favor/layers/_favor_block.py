@@ -296,6 +296,19 @@ class FavorBlockBase(keras.layers.Layer):
         self.attention_type = attention_type
         self.supports_masking = True
 
+    def _build_self_attention(self, shape, name):
+        """Builds the self-attention sub-layer, its layer norm and dropout; returns the key dim."""
+        _, key_dim = hidden_dim_of(shape, name, self.num_heads, self.use_rotary_embedding)
+        self._self_attention_layer = make_attention(
+            self, key_dim, SELF_ATTENTION, "self_attention", self.use_rotary_embedding
+        )
+        self._self_attention_layer.build(shape, shape)
+        self._self_attention_layer_norm = self._layer_norm("self_attention_layer_norm", shape)
+        self._self_attention_dropout = self._dropout_layer(
+            "self_attention_dropout", ATTENTION_DROPOUT
+        )
+        return key_dim
+
     def _layer_norm(self, name, shape):
         layer = keras.layers.LayerNormalization(
             epsilon=self.layer_norm_epsilon, dtype=self.dtype_policy, name=name

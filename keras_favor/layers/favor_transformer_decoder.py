@@ -4,13 +4,10 @@ import keras
 from keras import ops
 
 from keras_favor.layers._favor_block import (
-    ATTENTION_DROPOUT,
     CROSS_ATTENTION,
     CROSS_DROPOUT,
-    SELF_ATTENTION,
     FavorBlockBase,
     get_keras_mask,
-    hidden_dim_of,
     make_attention,
     merge_masks,
 )
@@ -94,19 +91,7 @@ class FavorTransformerDecoder(FavorBlockBase):
 
     def build(self, decoder_sequence_shape, encoder_sequence_shape=None):
         decoder_sequence_shape = tuple(decoder_sequence_shape)
-        _, key_dim = hidden_dim_of(
-            decoder_sequence_shape, "decoder_sequence", self.num_heads, self.use_rotary_embedding
-        )
-        self._self_attention_layer = make_attention(
-            self, key_dim, SELF_ATTENTION, "self_attention", self.use_rotary_embedding
-        )
-        self._self_attention_layer.build(decoder_sequence_shape, decoder_sequence_shape)
-        self._self_attention_layer_norm = self._layer_norm(
-            "self_attention_layer_norm", decoder_sequence_shape
-        )
-        self._self_attention_dropout = self._dropout_layer(
-            "self_attention_dropout", ATTENTION_DROPOUT
-        )
+        key_dim = self._build_self_attention(decoder_sequence_shape, "decoder_sequence")
         self._cross_attention_layer = None
         if encoder_sequence_shape is not None:
             encoder_sequence_shape = tuple(encoder_sequence_shape)

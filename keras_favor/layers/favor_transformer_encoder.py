@@ -3,12 +3,8 @@
 import keras
 
 from keras_favor.layers._favor_block import (
-    ATTENTION_DROPOUT,
-    SELF_ATTENTION,
     FavorBlockBase,
     get_keras_mask,
-    hidden_dim_of,
-    make_attention,
     merge_masks,
 )
 
@@ -80,19 +76,7 @@ class FavorTransformerEncoder(FavorBlockBase):
 
     def build(self, inputs_shape):
         inputs_shape = tuple(inputs_shape)
-        _, key_dim = hidden_dim_of(
-            inputs_shape, "inputs", self.num_heads, self.use_rotary_embedding
-        )
-        self._self_attention_layer = make_attention(
-            self, key_dim, SELF_ATTENTION, "self_attention", self.use_rotary_embedding
-        )
-        self._self_attention_layer.build(inputs_shape, inputs_shape)
-        self._self_attention_layer_norm = self._layer_norm(
-            "self_attention_layer_norm", inputs_shape
-        )
-        self._self_attention_dropout = self._dropout_layer(
-            "self_attention_dropout", ATTENTION_DROPOUT
-        )
+        self._build_self_attention(inputs_shape, "inputs")
         self._build_feedforward(inputs_shape)
         self.built = True
 
