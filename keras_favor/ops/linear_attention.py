@@ -207,7 +207,8 @@ def _causal_chunked(q_feat, k_feat, v1, chunk_size, finite_features):
 
     def chunks(x, width):
         # Zero padding at the end: padded keys add nothing, padded queries are sliced off.
-        x = ops.pad(x, [[0, 0], [0, 0], [0, pad], [0, 0]])
+        if not (isinstance(pad, int) and pad == 0):
+            x = ops.pad(x, [[0, 0], [0, 0], [0, pad], [0, 0]])
         return ops.reshape(x, (batch, heads, num_chunks, chunk_size, width))  # (B, N, K, C, ·)
 
     qc, kc, vc = chunks(q_feat, feat_dim), chunks(k_feat, feat_dim), chunks(v1, val_dim)
