@@ -244,8 +244,8 @@ def main(
         width, num_heads, num_blocks, intermediate_dim, num_random_features: model size.
         learning_rate: peak learning rate (linear warm-up, cosine decay).
         redraw_every: steps between redraws for the variants that redraw (the default redraws
-            at steps 250 and 500 of 600, leaving the last steps to settle on the final
-            features: a redraw after the very last step would be evaluated untrained).
+            before steps 250 and 500 of 600, counted from 0, leaving the last steps to settle
+            on the final features).
         validation_windows: validation windows of `sequence_length` bytes, spread evenly over
             the validation split.
         max_train_bytes, max_validation_bytes: cap the corpus (None: all of it).

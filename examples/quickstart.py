@@ -302,9 +302,8 @@ def main(
         width, num_heads, num_blocks, intermediate_dim, num_random_features: the model's size.
         learning_rate: peak learning rate (linear warm-up, cosine decay).
         redraw_every: redraw the random features every this many steps (0 or None: never).
-            `RedrawRandomFeatures` also redraws after the last step when it is a multiple, so
-            pick a value that leaves the last few hundred steps to settle on the final
-            features (the default: redraws at steps 400, 800 and 1200 of 1500).
+            The default leaves the last few hundred steps to settle on the final features
+            (redraws before steps 400, 800 and 1200 of 1500, counted from 0).
         validation_windows: how many validation windows (spread over the split) the bits per
             byte use.
         long_steps, long_sequence_length: a last epoch of `long_steps` steps on windows of

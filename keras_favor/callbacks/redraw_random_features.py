@@ -66,29 +66,39 @@ class RedrawRandomFeatures(keras.callbacks.Callback):
     layers holding layers, functional blocks), or those in `layers`. Layers whose feature map uses
     no random features (e.g. `"elu"`) are skipped.
 
-    When: with `every_n_steps=n`, whenever the optimizer's iteration count
-    (`model.optimizer.iterations`) crosses a multiple of `n`. Keras runs batch callbacks once per
-    execution, so with `steps_per_execution=s > 1` the check happens every `s` steps and one redraw
-    covers every multiple crossed since the previous check. With `every_n_epochs=n`, at the end of
-    every n-th epoch of `fit` (epoch numbers count from `initial_epoch`, so pass it when resuming).
-    Nothing is ever redrawn during `evaluate` or `predict`, nor by the validation inside `fit`.
+    When: a redraw happens before the step that needs it, never after the last step of `fit`,
+    so the trained model holds the projection its last step trained with. With
+    `every_n_steps=n`, step i (counted from 0 by `model.optimizer.iterations`) trains with redraw
+    ⌊i / n⌋: the callback redraws at the start of steps n, 2n, ... Keras runs batch callbacks
+    once per execution, so with `steps_per_execution=s > 1` the check happens before steps 0, s,
+    2s, ... and one redraw covers every multiple of `n` reached since the previous check. With
+    `every_n_epochs=n`, a redraw falls due at the end of every n-th epoch (epochs numbered as `fit`
+    numbers them, from `initial_epoch`, so pass it when resuming) and happens at the start of the
+    next epoch, in the same `fit` call or in the next one made with the same callback. Nothing is
+    ever redrawn during `evaluate` or `predict`, nor by the validation inside `fit`.
 
     State and resuming: the schedule lives in the model, not in the callback. Each layer's
     `redraw_count` weight (saved in `.keras` files and checkpoints, like the optimizer's iteration
-    count) holds, in step mode, the number of multiples of `n` passed (⌊iterations / n⌋; it equals
-    the number of redraws unless `steps_per_execution > n`), in epoch mode the number of redraws.
-    The projection after redraw i of layer j is drawn with seed `redraw_seed(seed, i, j)`, so a run
-    resumed from a checkpoint (with the same `seed`) continues with the same schedule and the same
-    projections as an uninterrupted run. In step mode a layer whose count lags behind the schedule
-    when training starts (e.g. a checkpoint written by a callback that ran before this one in the
-    same batch) is redrawn at once to catch up. Layers are numbered j = 0, 1, ... in the order the
-    model tracks them (or the order of `layers`), which is the same in every process running the
-    same model code.
+    count) holds, in step mode, the number of multiples of `n` reached at the last check (it
+    equals the number of redraws unless `steps_per_execution > n`; ⌊(S - 1) / n⌋ after a `fit`
+    that ended at iteration S with `steps_per_execution=1`), in epoch mode the number of redraws.
+    The projection after redraw i of layer j is drawn with seed `redraw_seed(seed, i, j)`. When
+    `fit` starts, before its first step, a layer whose count lags behind the schedule is redrawn
+    at once to catch up: to ⌊iterations / n⌋ in step mode; in epoch mode to
+    ⌊initial_epoch / n⌋, or by the redraw left pending by the previous `fit` call of this
+    callback. So a model saved after `fit` or by `ModelCheckpoint` holds the projection it last
+    trained with, and a run resumed from it (with the same `seed`, and `initial_epoch` in epoch
+    mode) continues with the same schedule and the same projections as an uninterrupted run. A
+    new callback in epoch mode knows the schedule only from `initial_epoch`: a `fit` call without
+    it starts counting epochs afresh. Layers are numbered j = 0, 1, ... in the order the model
+    tracks them (or the order of `layers`), which is the same in every process running the same
+    model code.
 
     Args:
         every_n_steps: redraw every this many optimizer steps, a positive int. Exactly one of
             `every_n_steps` and `every_n_epochs` must be given.
-        every_n_epochs: redraw at the end of every this many epochs, a positive int.
+        every_n_epochs: redraw after every this many epochs (at the start of the next one), a
+            positive int.
         layers: the `FavorAttention` layers to redraw (a layer or a list of them), or None (the
             default) for every `FavorAttention` in the model.
         seed: an int that fixes every redrawn projection (see above). With None, the base seed is
@@ -97,8 +107,8 @@ class RedrawRandomFeatures(keras.callbacks.Callback):
             replica and worker, which hold the same projections (so `MultiWorkerMirroredStrategy`
             works without a seed). Pass an int to make a resumed run draw the projections of an
             uninterrupted one.
-        verbose: 0 (the default) is silent; 1 logs each redraw with its step (or epoch) and the
-            number of layers redrawn.
+        verbose: 0 (the default) is silent; 1 logs each redraw with the number of steps (or
+            epochs) done before it and the number of layers redrawn.
 
     Example:
 
@@ -111,8 +121,8 @@ class RedrawRandomFeatures(keras.callbacks.Callback):
     >>> x, y = np.ones((8, 8, 16)), np.zeros((8, 8, 1))
     >>> redraw = keras_favor.RedrawRandomFeatures(every_n_steps=2, seed=0)
     >>> _ = model.fit(x, y, batch_size=2, epochs=1, callbacks=[redraw], verbose=0)
-    >>> int(attention.redraw_count)
-    2
+    >>> int(attention.redraw_count)  # 4 steps: redrawn before step 2 (counted from 0), not after 3
+    1
 
     References:
         Choromanski et al., Rethinking Attention with Performers, arXiv 2009.14794 (section 4:
@@ -163,7 +173,9 @@ class RedrawRandomFeatures(keras.callbacks.Callback):
         self.verbose = verbose
         self._base_seed = seed
         self._layers_to_redraw = []
-        self._last_due = None
+        self._last_due = None  # step mode: ⌊iterations / n⌋ at the last check
+        self._epoch_redraw_pending = False  # epoch mode: due at the end of the last epoch
+        self._first_epoch_of_fit = True
 
     @property
     def redrawn_layers(self):
@@ -192,22 +204,37 @@ class RedrawRandomFeatures(keras.callbacks.Callback):
                 stacklevel=2,
             )
         self._last_due = None
+        self._first_epoch_of_fit = True
         if self.every_n_steps is not None:
             self._check_steps()
 
-    def on_train_batch_end(self, batch, logs=None):
-        # Defining this method also keeps Keras from dispatching batch callbacks asynchronously:
-        # a redraw is complete before the next step starts.
+    def on_train_batch_begin(self, batch, logs=None):
+        # Keras always runs `on_train_batch_begin` synchronously, so a redraw is complete before
+        # the step starts; on JAX, `self.model` syncs the trainer's state into the variables and
+        # the trainer reads them back before the step.
         if self.every_n_steps is not None:
             self._check_steps()
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if self.every_n_epochs is None:
+            return
+        # `fit` tells callbacks its `initial_epoch` only here, with its first epoch.
+        due = epoch // self.every_n_epochs if self._first_epoch_of_fit else 0
+        pending = self._epoch_redraw_pending
+        self._first_epoch_of_fit = False
+        self._epoch_redraw_pending = False
+        plan = []
+        for layer in self._layers_to_redraw:
+            if not _is_built(layer):
+                continue
+            count = _redraw_count(layer)
+            if pending or count < due:
+                plan.append((layer, max(count + 1, due)))
+        self._redraw(plan, f"after {_plural(epoch, 'epoch')}")
 
     def on_epoch_end(self, epoch, logs=None):
         if self.every_n_epochs is not None and (epoch + 1) % self.every_n_epochs == 0:
-            plan = []
-            for layer in self._layers_to_redraw:
-                if _is_built(layer):
-                    plan.append((layer, _redraw_count(layer) + 1))
-            self._redraw(plan, f"epoch {epoch + 1}")
+            self._epoch_redraw_pending = True
 
     def _check_steps(self):
         # Accessing `self.model` also syncs the JAX trainer's state into the variables.
@@ -223,11 +250,11 @@ class RedrawRandomFeatures(keras.callbacks.Callback):
             if not _is_built(layer):
                 continue
             count = _redraw_count(layer)
-            # Crossed a multiple: redraw. At the start of training: catch up with the schedule.
+            # Reached a multiple: redraw. At the start of training: catch up with the schedule.
             # The count follows the schedule (⌊iterations / n⌋) and only ever grows.
             if crossed or count < due:
                 plan.append((layer, max(count + 1, due)))
-        self._redraw(plan, f"step {iterations}")
+        self._redraw(plan, f"after {_plural(iterations, 'step')}")
 
     # How.
 
@@ -269,6 +296,10 @@ class RedrawRandomFeatures(keras.callbacks.Callback):
             print(message, flush=True)
         else:
             _logger.info(message)
+
+
+def _plural(number, noun):
+    return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
 
 
 def _is_built(layer):

@@ -99,10 +99,13 @@ def free_ports(count):
 
 
 def assert_follows_schedule(result, every_n_steps, steps):
-    """Counts = ⌊step / n⌋ on every replica; a projection changes exactly when its count does."""
-    np.testing.assert_array_equal(result["iterations"], np.arange(steps + 1))
+    """Step i trains with redraw ⌊i / n⌋ on every replica, so after step i (counted from 0) and
+    until the next step starts, the count is ⌊i / n⌋; a projection changes exactly when its count
+    does."""
+    iterations = result["iterations"]  # 0 when training starts, then i + 1 after step i
+    np.testing.assert_array_equal(iterations, np.arange(steps + 1))
     counts = result["counts"]  # (checks, layers, local replicas)
-    expected = (result["iterations"] // every_n_steps)[:, None, None]
+    expected = (np.maximum(iterations - 1, 0) // every_n_steps)[:, None, None]
     np.testing.assert_array_equal(counts, np.broadcast_to(expected, counts.shape))
     projections = result["projections"]  # (checks, layers, local replicas, M, H)
     for check in range(1, len(projections)):
@@ -137,7 +140,7 @@ def test_mirrored_strategy_every_replica_holds_the_same_projection(tmp_path):
     from keras_favor.callbacks import redraw_seed
     from keras_favor.ops import random_features_matrix
 
-    final_count = steps // every_n_steps
+    final_count = (steps - 1) // every_n_steps  # what the last step, 5, trained with
     for layer_index in range(2):
         # The worker's layers have M = 8 random features of key dim H = 4.
         expected = random_features_matrix(8, 4, seed=redraw_seed(seed, final_count, layer_index))

@@ -1,6 +1,7 @@
 """Tests of `RedrawRandomFeatures`: bad arguments, the schedule (steps, with steps_per_execution 1
-and 3, and epochs), never at evaluate / predict, layer discovery in nested models, seeds, verbose
-logs, training with redraws, and resuming from `.keras` files and checkpoints.
+and 3, and epochs; a redraw happens before the step or epoch that needs it, never after the last
+one), never at evaluate / predict, layer discovery in nested models, seeds, verbose logs, training
+with redraws, and resuming from `.keras` files and checkpoints.
 
 The redrawn projections are checked exactly: redraw i of layer j must hold
 `random_features_matrix(M, H, seed=redraw_seed(seed, i, j))`, the layer's documented draw.
@@ -77,19 +78,25 @@ def expected_projection(seed, redraw_index, layer_index):
 
 
 def redraw_once(callback, model):
-    """What `fit` does at the start of training and at the end of its first epoch."""
+    """What `fit` does from the start of training to the start of its second epoch."""
     callback.set_model(model)
     callback.on_train_begin()
+    callback.on_epoch_begin(0)
     callback.on_epoch_end(0)
+    callback.on_epoch_begin(1)
 
 
 class Probe(keras.callbacks.Callback):
-    """Records the step, the counts and the projections after every execution (and epoch)."""
+    """Records the step, the counts and the projections each execution (and epoch) trains with.
+
+    Put it after `RedrawRandomFeatures` in the callback list: it records at the start of every
+    execution and epoch, after the redraw callback ran, and once more when training ends.
+    """
 
     def __init__(self, layers):
         super().__init__()
         self.layers = layers
-        self.batches, self.epochs = [], []
+        self.batches, self.epochs, self.ends = [], [], []
 
     def snapshot(self):
         return (
@@ -98,11 +105,14 @@ class Probe(keras.callbacks.Callback):
             [projection(x) for x in self.layers],
         )
 
-    def on_train_batch_end(self, batch, logs=None):
+    def on_train_batch_begin(self, batch, logs=None):
         self.batches.append(self.snapshot())
 
-    def on_epoch_end(self, epoch, logs=None):
+    def on_epoch_begin(self, epoch, logs=None):
         self.epochs.append(self.snapshot())
+
+    def on_train_end(self, logs=None):
+        self.ends.append(self.snapshot())
 
 
 # ------------------------------------------------------------------------------------------------
@@ -159,7 +169,7 @@ def test_redraw_seed_is_a_pure_function_of_its_arguments():
 
 @pytest.mark.parametrize(
     "every_n_steps, steps_per_execution, steps",
-    [(2, 1, 7), (2, 3, 9), (5, 3, 12), (3, 3, 9)],
+    [(2, 1, 7), (2, 1, 8), (2, 3, 9), (5, 3, 12), (3, 3, 9)],
 )
 def test_every_n_steps_redraws_exactly_on_schedule(every_n_steps, steps_per_execution, steps):
     model, layer = small_model(steps_per_execution=steps_per_execution)
@@ -169,13 +179,13 @@ def test_every_n_steps_redraws_exactly_on_schedule(every_n_steps, steps_per_exec
     callback = RedrawRandomFeatures(every_n_steps=every_n_steps, seed=11)
     model.fit(x, y, batch_size=2, epochs=1, shuffle=False, callbacks=[callback, probe], verbose=0)
 
-    # Batch callbacks run once per execution: after steps s, 2s, 3s, ...
+    # Batch callbacks run once per execution: before steps 0, s, 2s, ... (counted from 0).
     checked = [snapshot[0] for snapshot in probe.batches]
-    assert checked == list(range(steps_per_execution, steps + 1, steps_per_execution))
+    assert checked == list(range(0, steps, steps_per_execution))
     previous_count, previous_projection = 0, initial
     for step, (layer_count,), (layer_projection,) in probe.batches:
-        # The count is the number of multiples of n passed; one redraw covers every multiple
-        # passed within one execution.
+        # Step i trains with redraw ⌊i / n⌋; one redraw covers every multiple of n reached
+        # within one execution.
         assert layer_count == step // every_n_steps
         if layer_count == previous_count:
             np.testing.assert_array_equal(layer_projection, previous_projection)
@@ -183,40 +193,136 @@ def test_every_n_steps_redraws_exactly_on_schedule(every_n_steps, steps_per_exec
             np.testing.assert_array_equal(layer_projection, expected_projection(11, layer_count, 0))
             assert not np.array_equal(layer_projection, previous_projection)
         previous_count, previous_projection = layer_count, layer_projection
-    assert count(layer) == steps // every_n_steps
+    # Nothing after the last execution: the model keeps what that execution trained with.
+    assert count(layer) == checked[-1] // every_n_steps
+    np.testing.assert_array_equal(projection(layer), previous_projection)
 
 
-def test_projection_after_a_step_does_not_depend_on_steps_per_execution():
-    finals = []
+@pytest.mark.parametrize("same_callback", [True, False])
+def test_fit_ending_on_a_multiple_keeps_the_projection_its_last_step_trained_with(same_callback):
+    seed, every_n_steps = 7, 2
+    model, layer = small_model()
+    x, y = data(16)
+    callback = RedrawRandomFeatures(every_n_steps=every_n_steps, seed=seed)
+    probe = Probe([layer])
+    model.fit(x[:12], y[:12], batch_size=2, shuffle=False, callbacks=[callback, probe], verbose=0)
+
+    # 6 steps, the last one a multiple of 2: no redraw after it. The last step (5) trained with
+    # redraw ⌊5 / 2⌋ = 2, and that is what the model keeps.
+    assert iterations(model) == 6
+    assert count(layer) == 2
+    np.testing.assert_array_equal(projection(layer), expected_projection(seed, 2, 0))
+    np.testing.assert_array_equal(projection(layer), probe.batches[-1][2][0])
+
+    # The same training with the projections set by hand before steps 0, 2 and 4 gives the
+    # same weights and the same predictions: the weights were trained with the kept projection.
+    manual, manual_layer = small_model()
+    for index in range(3):
+        if index:
+            manual_layer.projection_matrix.assign(expected_projection(seed, index, 0))
+        part = slice(4 * index, 4 * index + 4)
+        manual.fit(x[part], y[part], batch_size=2, shuffle=False, verbose=0)
+    assert iterations(manual) == 6
+    np.testing.assert_array_equal(projection(manual_layer), projection(layer))
+    for weight, reference in zip(model.trainable_weights, manual.trainable_weights):
+        np.testing.assert_allclose(to_numpy(weight), to_numpy(reference), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        to_numpy(model(x[12:])), to_numpy(manual(x[12:])), rtol=1e-5, atol=1e-6
+    )
+
+    # The next fit (with the same callback or a new one) redraws before its first step, 6.
+    if not same_callback:
+        callback = RedrawRandomFeatures(every_n_steps=every_n_steps, seed=seed)
+    probe = Probe([layer])
+    model.fit(x[12:], y[12:], batch_size=2, shuffle=False, callbacks=[callback, probe], verbose=0)
+    assert [snapshot[0] for snapshot in probe.batches] == [6, 7]
+    for _, (layer_count,), (layer_projection,) in probe.batches:
+        assert layer_count == 3
+        np.testing.assert_array_equal(layer_projection, expected_projection(seed, 3, 0))
+    assert count(layer) == 3
+
+
+def test_projection_at_a_step_does_not_depend_on_steps_per_execution():
+    seen = []
     for steps_per_execution in (1, 3):
         model, layer = small_model(steps_per_execution=steps_per_execution)
-        x, y = data(12)
+        x, y = data(18)
         callback = RedrawRandomFeatures(every_n_steps=2, seed=4)
-        model.fit(x, y, batch_size=2, epochs=1, shuffle=False, callbacks=[callback], verbose=0)
-        assert iterations(model) == 6 and count(layer) == 3
-        finals.append(projection(layer))
-    np.testing.assert_array_equal(finals[0], finals[1])
+        model.fit(x[:12], y[:12], batch_size=2, shuffle=False, callbacks=[callback], verbose=0)
+        # The last check was before step 5 (⌊5 / 2⌋ = 2) or before step 3 (⌊3 / 2⌋ = 1).
+        assert iterations(model) == 6 and count(layer) == (2 if steps_per_execution == 1 else 1)
+        probe = Probe([layer])
+        model.fit(
+            x[12:], y[12:], batch_size=2, shuffle=False, callbacks=[callback, probe], verbose=0
+        )
+        # Both check before step 6 and bring the count to ⌊6 / 2⌋ = 3.
+        step, (layer_count,), (layer_projection,) = probe.batches[0]
+        assert step == 6 and layer_count == 3
+        seen.append(layer_projection)
+    np.testing.assert_array_equal(seen[0], seen[1])
+    np.testing.assert_array_equal(seen[0], expected_projection(4, 3, 0))
 
 
-def test_every_n_epochs_redraws_at_the_end_of_every_nth_epoch():
+def test_every_n_epochs_redraws_at_the_start_of_the_epoch_after_every_nth():
+    seed = 5
     model, layer = small_model()
     initial = projection(layer)
     probe = Probe([layer])
     x, y = data(6)
-    callback = RedrawRandomFeatures(every_n_epochs=2, seed=5)
+    callback = RedrawRandomFeatures(every_n_epochs=2, seed=seed)
     model.fit(x, y, batch_size=2, epochs=5, shuffle=False, callbacks=[callback, probe], verbose=0)
 
-    assert [counts[0] for _, counts, _ in probe.epochs] == [0, 1, 1, 2, 2]
-    # Never inside an epoch: every batch of epoch e sees the count left by the end of epoch e - 1.
+    # Due after epochs 2 and 4 (counted from 1), done as epochs 3 and 5 start.
+    assert [counts[0] for _, counts, _ in probe.epochs] == [0, 0, 1, 1, 2]
+    # Never inside an epoch.
     assert [counts[0] for _, counts, _ in probe.batches] == [0] * 6 + [1] * 6 + [2] * 3
-    np.testing.assert_array_equal(probe.epochs[0][2][0], initial)
-    np.testing.assert_array_equal(probe.epochs[1][2][0], expected_projection(5, 1, 0))
-    np.testing.assert_array_equal(probe.epochs[3][2][0], expected_projection(5, 2, 0))
+    np.testing.assert_array_equal(probe.epochs[1][2][0], initial)
+    np.testing.assert_array_equal(probe.epochs[2][2][0], expected_projection(seed, 1, 0))
+    np.testing.assert_array_equal(probe.epochs[4][2][0], expected_projection(seed, 2, 0))
 
-    # Resuming with `initial_epoch` continues the epoch schedule: epoch 6 (index 5) redraws.
+    # Resuming with `initial_epoch` continues the epoch schedule: epoch 6 ends a pair, and its
+    # redraw waits for the start of epoch 7, which this call does not run.
     model.fit(x, y, batch_size=2, epochs=6, initial_epoch=5, callbacks=[callback], verbose=0)
-    assert count(layer) == 3
-    np.testing.assert_array_equal(projection(layer), expected_projection(5, 3, 0))
+    assert count(layer) == 2
+    np.testing.assert_array_equal(projection(layer), expected_projection(seed, 2, 0))
+
+
+@pytest.mark.parametrize(
+    "same_callback, initial_epoch, expected_count",
+    [(True, 4, 2), (True, 0, 2), (False, 4, 2), (False, 0, 1)],
+)
+def test_epochs_a_multiple_of_n_leave_the_redraw_for_the_next_fit(
+    same_callback, initial_epoch, expected_count
+):
+    seed = 3
+    model, layer = small_model()
+    x, y = data(6)
+    callback = RedrawRandomFeatures(every_n_epochs=2, seed=seed)
+    model.fit(x, y, batch_size=2, epochs=4, shuffle=False, callbacks=[callback], verbose=0)
+    # Redrawn as epoch 3 (counted from 1) started; not after epoch 4, the last one.
+    assert count(layer) == 1
+    np.testing.assert_array_equal(projection(layer), expected_projection(seed, 1, 0))
+
+    # The next fit redraws before its first step when the same callback left a redraw pending,
+    # or when `initial_epoch=4` says that two pairs of epochs are done. A new callback without
+    # `initial_epoch` counts epochs afresh (documented).
+    if not same_callback:
+        callback = RedrawRandomFeatures(every_n_epochs=2, seed=seed)
+    probe = Probe([layer])
+    model.fit(
+        x,
+        y,
+        batch_size=2,
+        epochs=initial_epoch + 1,
+        initial_epoch=initial_epoch,
+        shuffle=False,
+        callbacks=[callback, probe],
+        verbose=0,
+    )
+    assert [counts[0] for _, counts, _ in probe.batches] == [expected_count] * 3
+    np.testing.assert_array_equal(
+        probe.batches[0][2][0], expected_projection(seed, expected_count, 0)
+    )
 
 
 def test_never_redraws_during_evaluate_or_predict():
@@ -232,19 +338,23 @@ def test_never_redraws_during_evaluate_or_predict():
     assert count(layer) == 0
     np.testing.assert_array_equal(projection(layer), initial)
 
-    # Validation inside `fit` does not redraw either: exactly one redraw per training epoch.
+    # Validation inside `fit` does not redraw either: one redraw between the two epochs.
     callback = RedrawRandomFeatures(every_n_epochs=1, seed=0)
     model.fit(x, y, batch_size=2, epochs=2, validation_data=(x, y), callbacks=[callback], verbose=0)
-    assert count(layer) == 2
+    assert count(layer) == 1
 
 
 def test_every_n_steps_continues_across_fit_calls():
     model, layer = small_model()
     x, y = data(6)
     callback = RedrawRandomFeatures(every_n_steps=4, seed=2)
-    for _ in range(4):  # 3 steps per call: multiples of 4 are passed at steps 4, 8 and 12
+    for _ in range(4):  # 3 steps per call: redraws before steps 4 and 8 (counted from 0)
         model.fit(x, y, batch_size=2, epochs=1, callbacks=[callback], verbose=0)
     assert iterations(model) == 12
+    assert count(layer) == 2
+    np.testing.assert_array_equal(projection(layer), expected_projection(2, 2, 0))
+    # The next call redraws before step 12.
+    model.fit(x, y, batch_size=2, epochs=1, callbacks=[callback], verbose=0)
     assert count(layer) == 3
     np.testing.assert_array_equal(projection(layer), expected_projection(2, 3, 0))
 
@@ -255,9 +365,9 @@ def test_a_manual_redraw_does_not_stop_the_schedule():
     layer.redraw_random_features()  # count 1 before any step
     callback = RedrawRandomFeatures(every_n_steps=2, seed=3)
     model.fit(x, y, batch_size=2, epochs=1, callbacks=[callback], verbose=0)
-    # Redraws at steps 2 and 4, each one past the previous count.
-    assert count(layer) == 3
-    np.testing.assert_array_equal(projection(layer), expected_projection(3, 3, 0))
+    # A redraw before step 2 (none before step 0: the count is ahead), one past the count.
+    assert count(layer) == 2
+    np.testing.assert_array_equal(projection(layer), expected_projection(3, 2, 0))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -395,15 +505,12 @@ def test_verbose_logs_each_redraw_with_step_and_layer_count(capsys):
     lines = [
         line for line in capsys.readouterr().out.splitlines() if "RedrawRandomFeatures" in line
     ]
-    assert lines == [
-        "RedrawRandomFeatures: step 2: redrew the random features of 1 layer.",
-        "RedrawRandomFeatures: step 4: redrew the random features of 1 layer.",
-    ]
+    assert lines == ["RedrawRandomFeatures: after 2 steps: redrew the random features of 1 layer."]
 
     model, _, _ = two_layer_model()
     redraw_once(RedrawRandomFeatures(every_n_epochs=1, verbose=1), model)
     assert capsys.readouterr().out == (
-        "RedrawRandomFeatures: epoch 1: redrew the random features of 2 layers.\n"
+        "RedrawRandomFeatures: after 1 epoch: redrew the random features of 2 layers.\n"
     )
 
     redraw_once(RedrawRandomFeatures(every_n_epochs=1), model)
@@ -424,7 +531,7 @@ def test_loss_falls_with_and_without_redraws(every_n_steps):
     model.fit(x, y, batch_size=16, epochs=15, callbacks=callbacks, verbose=0)
     final_loss = model.evaluate(x, y, verbose=0)
     assert final_loss < 0.3 * initial_loss, (initial_loss, final_loss)
-    assert count(layer) == (0 if every_n_steps is None else 60 // every_n_steps)
+    assert count(layer) == (0 if every_n_steps is None else (60 - 1) // every_n_steps)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -453,27 +560,60 @@ def only_attention(model):
 
 def test_resume_from_keras_file_continues_schedule_and_projection(tmp_path):
     reference_model, reference_layer = uninterrupted(12, every_n_steps=4, seed=6)
+    assert count(reference_layer) == 2  # redraws before steps 4 and 8
 
     model, layer = small_model()
     x, y = data(24)
     callback = RedrawRandomFeatures(every_n_steps=4, seed=6)
-    model.fit(x[:12], y[:12], batch_size=2, shuffle=False, callbacks=[callback], verbose=0)
+    model.fit(x[:16], y[:16], batch_size=2, shuffle=False, callbacks=[callback], verbose=0)
+    assert count(layer) == 1  # what step 7 trained with; step 8's redraw is the next fit's
+    path = os.path.join(tmp_path, "model.keras")
+    model.save(path)
+
+    restored = keras.saving.load_model(path)
+    restored_layer = only_attention(restored)
+    assert iterations(restored) == 8 and count(restored_layer) == 1
+    callback = RedrawRandomFeatures(every_n_steps=4, seed=6)  # a new process would make a new one
+    restored.fit(x[16:], y[16:], batch_size=2, shuffle=False, callbacks=[callback], verbose=0)
+    assert_same_training_state(restored, restored_layer, reference_model, reference_layer)
+
+
+def test_resume_every_n_epochs_from_keras_file_with_initial_epoch(tmp_path):
+    x, y = data(6)
+    reference_model, reference_layer = small_model()
+    callback = RedrawRandomFeatures(every_n_epochs=2, seed=8)
+    reference_model.fit(
+        x, y, batch_size=2, epochs=5, shuffle=False, callbacks=[callback], verbose=0
+    )
+    assert count(reference_layer) == 2  # as epochs 3 and 5 (counted from 1) start
+
+    model, layer = small_model()
+    callback = RedrawRandomFeatures(every_n_epochs=2, seed=8)
+    model.fit(x, y, batch_size=2, epochs=4, shuffle=False, callbacks=[callback], verbose=0)
     assert count(layer) == 1
     path = os.path.join(tmp_path, "model.keras")
     model.save(path)
 
     restored = keras.saving.load_model(path)
     restored_layer = only_attention(restored)
-    assert iterations(restored) == 6 and count(restored_layer) == 1
-    callback = RedrawRandomFeatures(every_n_steps=4, seed=6)  # a new process would make a new one
-    restored.fit(x[12:], y[12:], batch_size=2, shuffle=False, callbacks=[callback], verbose=0)
-    assert count(restored_layer) == 3
+    callback = RedrawRandomFeatures(every_n_epochs=2, seed=8)
+    restored.fit(
+        x,
+        y,
+        batch_size=2,
+        epochs=5,
+        initial_epoch=4,
+        shuffle=False,
+        callbacks=[callback],
+        verbose=0,
+    )
     assert_same_training_state(restored, restored_layer, reference_model, reference_layer)
 
 
-def test_resume_from_checkpoint_written_before_the_redraw_of_its_step(tmp_path):
-    # ModelCheckpoint runs first in the list, so the file of step 6 holds the projection from
-    # before step 6's redraw; the resumed run catches up as training starts.
+@pytest.mark.parametrize("checkpoint_first", [True, False])
+def test_resume_from_model_checkpoint_catches_up_before_its_first_step(tmp_path, checkpoint_first):
+    # The file of step 6 holds what step 5 trained with, whatever the order of the callbacks
+    # (the redraw for step 6 comes before step 6); the resumed run redraws before step 6.
     reference_model, reference_layer = uninterrupted(12, every_n_steps=3, seed=1)
 
     model, _ = small_model()
@@ -483,11 +623,14 @@ def test_resume_from_checkpoint_written_before_the_redraw_of_its_step(tmp_path):
         keras.callbacks.ModelCheckpoint(path, save_freq=6),
         RedrawRandomFeatures(every_n_steps=3, seed=1),
     ]
-    model.fit(x[:12], y[:12], batch_size=2, shuffle=False, callbacks=callbacks, verbose=0)
+    if not checkpoint_first:
+        callbacks.reverse()
+    model.fit(x[:16], y[:16], batch_size=2, shuffle=False, callbacks=callbacks, verbose=0)
 
     restored = keras.saving.load_model(path)
     restored_layer = only_attention(restored)
-    assert iterations(restored) == 6 and count(restored_layer) == 1  # step 6's redraw is missing
+    assert iterations(restored) == 6 and count(restored_layer) == 1
+    np.testing.assert_array_equal(projection(restored_layer), expected_projection(1, 1, 0))
     callback = RedrawRandomFeatures(every_n_steps=3, seed=1)
     restored.fit(x[12:], y[12:], batch_size=2, shuffle=False, callbacks=[callback], verbose=0)
     assert_same_training_state(restored, restored_layer, reference_model, reference_layer)
@@ -502,7 +645,7 @@ def test_resume_from_tf_train_checkpoint(tmp_path):
     model, layer = small_model()
     x, y = data(20)
     callback = RedrawRandomFeatures(every_n_steps=2, seed=3)
-    model.fit(x[:10], y[:10], batch_size=2, shuffle=False, callbacks=[callback], verbose=0)
+    model.fit(x[:12], y[:12], batch_size=2, shuffle=False, callbacks=[callback], verbose=0)
     path = tf.train.Checkpoint(model=model, optimizer=model.optimizer).write(
         os.path.join(tmp_path, "ckpt")
     )
@@ -511,8 +654,8 @@ def test_resume_from_tf_train_checkpoint(tmp_path):
     restored.optimizer.build(restored.trainable_variables)
     checkpoint = tf.train.Checkpoint(model=restored, optimizer=restored.optimizer)
     checkpoint.read(path).assert_consumed()
-    assert iterations(restored) == 5 and count(restored_layer) == 2
+    assert iterations(restored) == 6 and count(restored_layer) == 2  # step 6's redraw: not yet
     np.testing.assert_array_equal(projection(restored_layer), projection(layer))
     callback = RedrawRandomFeatures(every_n_steps=2, seed=3)
-    restored.fit(x[10:], y[10:], batch_size=2, shuffle=False, callbacks=[callback], verbose=0)
+    restored.fit(x[12:], y[12:], batch_size=2, shuffle=False, callbacks=[callback], verbose=0)
     assert_same_training_state(restored, restored_layer, reference_model, reference_layer)
