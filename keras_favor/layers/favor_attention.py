@@ -679,12 +679,21 @@ class FavorAttention(keras.layers.Layer):
         features of the map (M, 2M or H).
 
         Args:
-            batch_size: B, a positive int.
+            batch_size: B, a positive int or a scalar integer tensor (e.g. inside a serving
+                function, where the batch size is only known at run time).
 
         Returns:
             The pair (S, z).
         """
-        _positive_int(batch_size, "batch_size")
+        if _is_int(batch_size):
+            _positive_int(batch_size, "batch_size")
+        else:
+            shape = getattr(batch_size, "shape", None)
+            dtype = str(getattr(batch_size, "dtype", ""))
+            if shape is None or tuple(shape) != () or "int" not in dtype:
+                raise _invalid(
+                    "batch_size", "a positive integer or a scalar integer tensor", batch_size
+                )
         return favor_initial_state(
             batch_size,
             self._num_heads,

@@ -228,11 +228,7 @@ class FavorTransformerDecoder(FavorBlockBase):
             The pair (S, z).
         """
         self._require_built("get_initial_state")
-        attention = self._self_attention_layer
-        if isinstance(batch_size, int) and not isinstance(batch_size, bool):
-            return attention.get_initial_state(batch_size)
-        template = attention.get_initial_state(1)
-        return tuple(ops.zeros((batch_size,) + tuple(t.shape[1:]), dtype=t.dtype) for t in template)
+        return self._self_attention_layer.get_initial_state(batch_size)
 
     def step(
         self,

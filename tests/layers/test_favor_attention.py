@@ -227,8 +227,9 @@ def test_bad_decode_and_redraw_arguments():
     layer(x, x)
     with pytest.raises(ValueError, match="seed"):
         layer.redraw_random_features(seed=-3)
-    with pytest.raises(ValueError, match="batch_size"):
-        layer.get_initial_state(0)
+    for bad in (0, True, 2.0, np.ones((2,), "int32"), np.float32(2.0)):
+        with pytest.raises(ValueError, match="batch_size"):
+            layer.get_initial_state(bad)
     state = layer.get_initial_state(2)
     with pytest.raises(ValueError, match="query"):
         layer.step(x, x[:, 0], state)
@@ -717,3 +718,17 @@ def test_redraw_under_mirrored_strategy():
         timeout=300,
     )
     assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-3000:]
+
+
+def test_initial_state_accepts_a_scalar_integer_tensor_batch_size():
+    # Serving functions know the batch size only at run time.
+    layer = FavorAttention(2, 4, num_random_features=8)
+    x = data(3, 5, 8)
+    layer(x, x)
+    expected = layer.get_initial_state(3)
+    state = layer.get_initial_state(keras.ops.convert_to_tensor(3, dtype="int32"))
+    for got, want in zip(state, expected):
+        assert tuple(got.shape) == tuple(want.shape)
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(got), 0.0)
+    out, _ = layer.step(x[:, 0], x[:, 0], state)
+    assert tuple(out.shape) == (3, 8)
