@@ -3,8 +3,10 @@
 Speed (default): forward + backward (loss = mean(y²); gradients for the weights and the input) of
 one layer on one sequence, B=1, E=512, N=8, key_dim=64, M=256, at L = 1024, 4096, 8192, each layer
 as a `tf.function`: MultiHeadAttention without XLA (under XLA it runs out of memory at 8192),
-FavorAttention without and with XLA (`jit_compile=True`). Prints a table of median times and the
-speed-up of FavorAttention over MultiHeadAttention (goal: ≥ 10× at 8192).
+FavorAttention without and with XLA (`jit_compile=True`), and the floor: the same four projections
+with attention replaced by the identity (no attention layer trains faster; MHA/floor bounds any
+speed-up). Prints a table of median times and the speed-up of FavorAttention over
+MultiHeadAttention (goal: ≥ 10× at 8192).
 
 Longest length (`--max-length`): for MultiHeadAttention and FavorAttention (XLA), non-causal and
 causal, doubles L from `--start-length` (16384) up to `--stop-length` (1048576) until a training
@@ -44,11 +46,13 @@ KEY_DIM = 64
 NUM_RANDOM_FEATURES = 256
 GIB = 2**30
 
-# (name, layer, xla): the speed run's three configurations.
+# (name, layer, xla): the speed run's configurations. "floor" is the same four projections with
+# attention replaced by the identity: no attention layer can train faster than that.
 SPEED_CONFIGS = (
     ("mha", "mha", False),
     ("favor", "favor", False),
     ("favor_xla", "favor", True),
+    ("floor", "floor", False),
 )
 # The longest-length run: each layer in its best mode.
 MAX_LENGTH_CONFIGS = (
@@ -78,6 +82,15 @@ def run_trial(layer_kind, length, causal, xla, repeats, seed=0):
     keras.utils.set_random_seed(seed)
     if layer_kind == "mha":
         layer = keras.layers.MultiHeadAttention(NUM_HEADS, KEY_DIM)
+    elif layer_kind == "floor":
+
+        class Floor(FavorAttention):
+            def call(self, query, value, key=None, use_causal_mask=False, training=None):
+                q, k = self.query_dense(query), self.key_dense(value)
+                v = self.value_dense(value)
+                return self.output_dense(v + 0.0 * (q + k))  # every projection in the gradient
+
+        layer = Floor(NUM_HEADS, KEY_DIM, feature_map="elu")
     else:
         layer = FavorAttention(
             NUM_HEADS, KEY_DIM, num_random_features=NUM_RANDOM_FEATURES, seed=seed
@@ -221,27 +234,32 @@ def speed(args):
                     memory_limit_gb=args.memory_limit_gb,
                     timeout_s=args.trial_timeout,
                 )
-            mha = row["mha"]
+            mha, floor = row["mha"], row["floor"]
             for name in ("favor", "favor_xla"):
                 ok = mha["ok"] and row[name]["ok"]
                 row[f"speedup_{name}"] = mha["median_s"] / row[name]["median_s"] if ok else None
+            # The best MHA/FAVOR ratio any attention could reach here: MHA over the floor.
+            ok = mha["ok"] and floor["ok"]
+            row["speedup_bound"] = mha["median_s"] / floor["median_s"] if ok else None
             rows.append(row)
 
     header = (
-        f"{'L':>6} {'causal':>6} | {'MHA ms':>8} {'FAVOR ms':>9} {'FAVOR XLA ms':>13} | "
-        f"{'MHA/FAVOR':>9} {'MHA/FAVOR XLA':>13} | {'peak GiB (MHA, FAVOR, XLA)':>27}"
+        f"{'L':>6} {'causal':>6} | {'MHA ms':>8} {'FAVOR ms':>9} {'FAVOR XLA ms':>13} "
+        f"{'floor ms':>9} | {'MHA/FAVOR':>9} {'MHA/FAVOR XLA':>13} {'MHA/floor':>9} | "
+        f"{'peak GiB (MHA, FAVOR, XLA, floor)':>34}"
     )
     print("\nForward + backward, B=1, E=512, N=8, key_dim=64, M=256 (median of repeats)")
     print(header)
     print("-" * len(header))
     for row in rows:
-        ratios = [row["speedup_favor"], row["speedup_favor_xla"]]
+        ratios = [row["speedup_favor"], row["speedup_favor_xla"], row["speedup_bound"]]
         ratios = [f"{r:.1f}x" if r else "-" for r in ratios]
         peaks = ", ".join(f"{row[n]['peak_rss_gib']:.1f}" for n, _, _ in SPEED_CONFIGS)
         print(
             f"{row['length']:>6} {str(row['causal']):>6} | {_fmt_ms(row['mha']):>8} "
-            f"{_fmt_ms(row['favor']):>9} {_fmt_ms(row['favor_xla']):>13} | {ratios[0]:>9} "
-            f"{ratios[1]:>13} | {peaks:>27}"
+            f"{_fmt_ms(row['favor']):>9} {_fmt_ms(row['favor_xla']):>13} "
+            f"{_fmt_ms(row['floor']):>9} | {ratios[0]:>9} {ratios[1]:>13} {ratios[2]:>9} | "
+            f"{peaks:>34}"
         )
     return rows
 
