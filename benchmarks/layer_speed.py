@@ -21,6 +21,8 @@ a "speed" and a "max_length" section (each run replaces its own).
     python benchmarks/layer_speed.py                         # speed, L = 1024 4096 8192
     python benchmarks/layer_speed.py --lengths 512 1024 --repeats 2   # a quick smoke run
     python benchmarks/layer_speed.py --max-length             # longest trainable L (slow)
+    python benchmarks/layer_speed.py --max-length --configs favor_xla --start-length 262144 \
+        --stop-length 262144                                  # memory at one length
     python benchmarks/layer_speed.py --causal                 # speed of causal attention too
 
 Run on a quiet machine: timings of a shared machine say little.
@@ -304,8 +306,9 @@ def _search(kind, *, causal, xla, args):
 
 def max_length(args):
     results = []
+    configs = [c for c in MAX_LENGTH_CONFIGS if not args.configs or c[0] in args.configs]
     for causal in (False, True):
-        for name, kind, xla in MAX_LENGTH_CONFIGS:
+        for name, kind, xla in configs:
             longest, trials = _search(kind, causal=causal, xla=xla, args=args)
             best = next((t for t in trials if t["ok"] and t["length"] == longest), None)
             results.append(
@@ -340,6 +343,12 @@ def main(argv=None):
     parser.add_argument("--start-length", type=int, default=16384)
     parser.add_argument("--stop-length", type=int, default=1048576)
     parser.add_argument("--min-length", type=int, default=1024)
+    parser.add_argument(
+        "--configs",
+        nargs="+",
+        choices=[c[0] for c in MAX_LENGTH_CONFIGS],
+        help="--max-length: only these layers (default: all)",
+    )
     parser.add_argument("--memory-limit-gb", type=float, default=20.0)
     parser.add_argument("--trial-timeout", type=float, default=1800.0, help="seconds per trial")
     parser.add_argument("--_trial", help=argparse.SUPPRESS)
@@ -368,6 +377,12 @@ def main(argv=None):
     if args.max_length:
         settings.update(start_length=args.start_length, stop_length=args.stop_length)
         results = max_length(args)
+        if args.configs and "max_length" in data:
+            # Keep the other layers' results of the previous run (with the date they were taken).
+            others = [r for r in data["max_length"]["results"] if r["config"] not in args.configs]
+            for r in others:
+                r.setdefault("date", data["max_length"].get("date"))
+            results = others + results
         data["max_length"] = {**run_info(**settings), "results": results}
     else:
         settings.update(lengths=args.lengths, repeats=args.repeats, causal=args.causal)

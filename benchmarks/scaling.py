@@ -16,11 +16,13 @@ scaling.png (log-log).
     python benchmarks/scaling.py                 # L = 512 .. 16384
     python benchmarks/scaling.py --quick         # L = 256 .. 2048, few variants
     python -m benchmarks scaling --max-length 65536
+    python benchmarks/scaling.py --variants favor:elu:full --merge   # rerun one, keep the rest
 """
 
 import argparse
 import json
 import os
+import re
 import resource
 import subprocess
 import sys
@@ -41,6 +43,7 @@ FEATURE_MAPS = (
     "elu",
 )
 GIB = 2**30
+_TF_LOG_LINE = re.compile(r"^[IWE]\d{4} |^WARNING: All log messages")
 
 
 def variants(quick):
@@ -150,8 +153,15 @@ def run_variant(variant, lengths, repeats, memory_limit_gb, timeout_s):
                 text=True,
                 timeout=timeout_s,
             )
+            oom = re.search(
+                r"ResourceExhausted|OOM|out of memory|bad_alloc|MemoryError", proc.stderr
+            )
             status = "ok" if proc.returncode == 0 else "stopped (out of memory or crash)"
-            detail = proc.stderr.strip().splitlines()[-1:] if proc.returncode else []
+            if proc.returncode and oom:
+                status = "stopped (out of memory)"
+            # The last line that is not one of TensorFlow's own log lines ("I0000 ...").
+            lines = [x for x in proc.stderr.strip().splitlines() if not _TF_LOG_LINE.match(x)]
+            detail = lines[-1:] if proc.returncode else []
         except subprocess.TimeoutExpired:
             status, detail = "stopped (time limit)", []
         rows = []
@@ -165,26 +175,64 @@ def run_variant(variant, lengths, repeats, memory_limit_gb, timeout_s):
     return rows, (status if failed else "ok"), (failed[0] if failed else None)
 
 
+# One colour per attention (feature map or baseline); solid = non-causal, dashed = causal.
+_COLOURS = {
+    "softmax_positive": "tab:blue",
+    "softmax_hyperbolic": "tab:cyan",
+    "softmax_optimal": "tab:purple",
+    "softmax_trig": "tab:olive",
+    "relu": "tab:green",
+    "elu": "tab:pink",
+    "mha": "tab:red",
+    "dpa": "tab:orange",
+    "identity": "black",
+}
+
+
+def _style(variant):
+    parts = variant.split(":")
+    kind = parts[1] if parts[0] == "favor" else parts[0]
+    label = (
+        f"FAVOR {kind}"
+        if parts[0] == "favor"
+        else {"mha": "MHA", "dpa": "dot_product_attn"}.get(kind, "no attention (floor)")
+    )
+    causal = parts[-1] == "causal"
+    return dict(
+        color=_COLOURS.get(kind, "gray"),
+        linestyle="--" if causal else "-",
+        linewidth=2.2 if parts[0] != "favor" else 1.3,
+        marker="o" if parts[0] != "favor" else ".",
+        markersize=4,
+        label=label + (" (causal)" if causal else ""),
+    )
+
+
 def plot(rows, path):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(17, 5))
+    fig, axes = plt.subplots(1, 3, figsize=(18, 5.5))
     for variant in sorted({r["variant"] for r in rows}):
         sel = sorted((r for r in rows if r["variant"] == variant), key=lambda r: r["length"])
         lengths = [r["length"] for r in sel]
-        style = "--" if variant.endswith("causal") else "-"
         for ax, key in zip(axes, ("forward_s", "forward_backward_s", "peak_rss_gib")):
-            ax.loglog(lengths, [r[key] for r in sel], style, marker=".", label=variant)
-    for ax, title in zip(axes, ("forward (s)", "forward + backward (s)", "peak RSS (GiB)")):
+            ax.loglog(lengths, [r[key] for r in sel], **_style(variant))
+    titles = ("forward, s", "forward + backward, s", "peak RSS of the process, GiB")
+    for ax, title in zip(axes, titles):
         ax.set_title(title)
-        ax.set_xlabel("sequence length L")
+        ax.set_xlabel("sequence length L (B=1)")
         ax.grid(True, which="both", alpha=0.3)
-    axes[0].legend(fontsize=6)
-    fig.suptitle(f"B=1, E={EMBED_DIM}, N={NUM_HEADS}, key_dim={KEY_DIM}, M={NUM_RANDOM_FEATURES}")
-    fig.tight_layout()
+    handles, labels = axes[1].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="center right", fontsize=8)
+    fig.suptitle(
+        f"One attention layer, B=1, E={EMBED_DIM}, N={NUM_HEADS}, key_dim={KEY_DIM}, "
+        f"M={NUM_RANDOM_FEATURES}; FAVOR under XLA; MHA and dot_product_attention stop where "
+        "they run out of memory"
+    )
+    fig.tight_layout(rect=(0, 0, 0.85, 1))
     fig.savefig(path, dpi=90)
 
 
@@ -197,6 +245,11 @@ def main(argv=None):
     parser.add_argument("--memory-limit-gb", type=float, default=20.0)
     parser.add_argument("--timeout-s", type=float, default=900.0, help="per variant")
     parser.add_argument("--variants", nargs="*", help="e.g. favor:relu:causal mha:full")
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="keep the other variants of the existing scaling.json (rerun a few variants)",
+    )
     parser.add_argument("--_child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args._child:
@@ -231,6 +284,18 @@ def main(argv=None):
         ]
         note = "" if state == "ok" else f"   {state} at L={first_failed}"
         print(f"{variant:34s}" + "".join(cells) + note, flush=True)
+    if args.merge:
+        try:
+            with open(os.path.join(RESULTS_DIR, "scaling.json")) as f:
+                previous = json.load(f)
+        except (OSError, ValueError):
+            previous = {"rows": [], "status": {}}
+        kept = [r for r in previous["rows"] if r["variant"] not in status]
+        all_rows = kept + all_rows
+        status = {**{k: v for k, v in previous["status"].items() if k not in status}, **status}
+        info["rerun_variants"] = {"date": info["date"], "variants": list(chosen)}
+        if "info" in previous:
+            info = {**previous["info"], "rerun_variants": info["rerun_variants"]}
     path = write_json("scaling", {"info": info, "rows": all_rows, "status": status})
     plot(all_rows, os.path.join(RESULTS_DIR, "scaling.png"))
     print(f"wrote {os.path.relpath(path)} and scaling.png")
