@@ -43,6 +43,16 @@ import subprocess
 import sys
 import tempfile
 
+# `python benchmarks/ops_speed.py` as well as `python -m benchmarks.ops_speed`.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.common import (  # noqa: E402 (imports no backend: main() picks one first)
+    memory_gib,
+    run_info,
+    time_interleaved,
+    write_json,
+)
+
 # A backend must be chosen before Keras is imported (see main()).
 
 DEFAULT_LENGTHS = (1024, 4096, 8192, 16384)
@@ -214,7 +224,6 @@ def run_backend(args):
     import keras
     import numpy as np
 
-    from benchmarks.common import memory_gib, run_info, time_interleaved
     from keras_favor.ops import DEFAULT_CHUNK_SIZE, favor_attention, random_features_matrix
 
     backend = keras.backend.backend()
@@ -529,7 +538,6 @@ def main(argv=None):
                 with open(out) as f:
                     all_results.update(json.load(f)["backends"])
     print_summary(all_results)
-    from benchmarks.common import write_json
 
     data = {"benchmark": "ops_speed", "backends": all_results}
     if args.output:
