@@ -8,10 +8,16 @@ import datetime
 import json
 import os
 import platform
+import resource
+import signal
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+GIB = 2**30
 
 
 def _cpu_model():
@@ -159,3 +165,92 @@ def write_json(name, data):
         json.dump(data, f, indent=2, sort_keys=False)
         f.write("\n")
     return path
+
+
+# ----------------------------------------------------------------------------------------------
+# Trials in memory-capped child processes: running out of memory ends the trial, not the run.
+
+_OOM_MARKERS = (
+    "resourceexhausted",
+    "oom",
+    "out of memory",
+    "bad_alloc",
+    "memoryerror",
+    "failed to allocate",
+)
+
+
+def looks_like_oom(text):
+    """Whether an error message or a stderr tail reads as running out of memory."""
+    text = text.lower()
+    return any(marker in text for marker in _OOM_MARKERS)
+
+
+def child_trial_main(spec_json, run):
+    """The child side of `run_in_capped_child`: caps the address space, runs `run(**spec)` and
+    writes its JSON-able result (or the failure: "oom" or "error", with the message)."""
+    spec = json.loads(spec_json)
+    limit = spec.pop("memory_limit_bytes")
+    if limit:
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    out_path = spec.pop("out")
+    try:
+        result = run(**spec)
+    except Exception as error:  # noqa: BLE001 - any failure of the trial is its result
+        failure = "oom" if looks_like_oom(repr(error)) else "error"
+        result = {"ok": False, "failure": failure, "message": repr(error)[-500:]}
+    with open(out_path, "w") as f:
+        json.dump(result, f)
+
+
+def run_in_capped_child(script, spec, *, memory_limit_gb, timeout_s, env=None, poll_s=0.1):
+    """Runs `python script --_trial JSON` (the script calls `child_trial_main` on it) in a new
+    process group whose address space is capped at `memory_limit_gb` (None or 0: no cap).
+
+    Returns the child's result dict, or {"ok": False, "failure": "timeout" | "oom" | "crash",
+    "message": stderr tail} when it wrote none, plus "exit_code" and "wait4_maxrss_gib": the
+    child's peak RSS from `wait4`, which is known even for a child killed by running out of
+    memory (the parent is small when it forks, so the figure is the child's own).
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "result.json")
+        limit = int((memory_limit_gb or 0) * GIB)
+        spec = {**spec, "out": out, "memory_limit_bytes": limit}
+        child_env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", **(env or {})}
+        with open(os.path.join(tmp, "stderr"), "w+") as stderr:
+            child = subprocess.Popen(
+                [sys.executable, os.path.abspath(script), "--_trial", json.dumps(spec)],
+                stdout=subprocess.DEVNULL,
+                stderr=stderr,
+                env=child_env,
+                start_new_session=True,
+            )
+            deadline = time.monotonic() + timeout_s
+            status, usage, timed_out = None, None, False
+            while status is None:
+                pid, wait_status, wait_usage = os.wait4(child.pid, os.WNOHANG)
+                if pid:
+                    status, usage = wait_status, wait_usage
+                elif time.monotonic() > deadline:
+                    os.killpg(child.pid, signal.SIGKILL)
+                    timed_out = True
+                    _, status, usage = os.wait4(child.pid, 0)
+                else:
+                    time.sleep(poll_s)
+            exit_code = os.waitstatus_to_exitcode(status)  # already reaped
+            stderr.seek(0)
+            stderr_tail = stderr.read()[-2000:]
+        if os.path.exists(out):
+            with open(out) as f:
+                result = json.load(f)
+        else:
+            if timed_out:
+                failure = "timeout"
+            elif looks_like_oom(stderr_tail) or exit_code in (-6, -9, -11):
+                failure = "oom"  # abort, the kernel's kill or a failed allocation's segfault
+            else:
+                failure = "crash"
+            result = {"ok": False, "failure": failure, "message": stderr_tail[-500:]}
+    result["exit_code"] = exit_code
+    result["wait4_maxrss_gib"] = usage.ru_maxrss * 1024 / GIB  # ru_maxrss is in KiB on Linux
+    return result

@@ -31,22 +31,23 @@ Run on a quiet machine: timings of a shared machine say little.
 import argparse
 import json
 import os
-import resource
-import signal
-import subprocess
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import RESULTS_DIR, run_info, write_json  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    RESULTS_DIR,
+    child_trial_main,
+    run_in_capped_child,
+    run_info,
+    write_json,
+)
 
 EMBED_DIM = 512
 NUM_HEADS = 8
 KEY_DIM = 64
 NUM_RANDOM_FEATURES = 256
-GIB = 2**30
 
 # (name, layer, xla): the speed run's configurations. "floor" is the same four projections with
 # attention replaced by the identity: no attention layer can train faster than that.
@@ -131,85 +132,18 @@ def run_trial(layer_kind, length, causal, xla, repeats, seed=0):
     }
 
 
-def _trial_main(spec):
-    spec = json.loads(spec)
-    limit = spec.pop("memory_limit_bytes")
-    if limit:
-        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-    out_path = spec.pop("out")
-    try:
-        result = run_trial(**spec)
-    except Exception as error:  # noqa: BLE001 - any failure of the trial is its result
-        kind = "oom" if _looks_like_oom(repr(error)) else "error"
-        result = {"ok": False, "failure": kind, "message": repr(error)[-500:]}
-    with open(out_path, "w") as f:
-        json.dump(result, f)
-
-
-def _looks_like_oom(text):
-    text = text.lower()
-    return any(
-        s in text for s in ("resourceexhausted", "oom", "out of memory", "bad_alloc", "memoryerror")
-    )
-
-
-# ----------------------------------------------------------------------------------------------
-# Running trials (in the parent).
-
-
 def trial(layer_kind, length, *, causal, xla, repeats, memory_limit_gb, timeout_s):
     """Runs one trial in a capped child process; adds the child's peak RSS and exit status."""
-    with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "result.json")
-        spec = dict(
-            layer_kind=layer_kind,
-            length=length,
-            causal=causal,
-            xla=xla,
-            repeats=repeats,
-            memory_limit_bytes=int(memory_limit_gb * GIB) if memory_limit_gb else 0,
-            out=out,
-        )
-        env = {**os.environ, "KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "3"}
-        with open(os.path.join(tmp, "stderr"), "w+") as stderr:
-            child = subprocess.Popen(
-                [sys.executable, os.path.abspath(__file__), "--_trial", json.dumps(spec)],
-                stdout=subprocess.DEVNULL,
-                stderr=stderr,
-                env=env,
-                start_new_session=True,
-            )
-            deadline = time.monotonic() + timeout_s
-            status, usage, timed_out = None, None, False
-            while status is None:
-                pid, wait_status, wait_usage = os.wait4(child.pid, os.WNOHANG)
-                if pid:
-                    status, usage = wait_status, wait_usage
-                elif time.monotonic() > deadline:
-                    os.killpg(child.pid, signal.SIGKILL)
-                    timed_out = True
-                    _, status, usage = os.wait4(child.pid, 0)
-                else:
-                    time.sleep(0.2)
-            child.returncode = os.waitstatus_to_exitcode(status)  # already reaped
-            stderr.seek(0)
-            stderr_tail = stderr.read()[-2000:]
-        if os.path.exists(out):
-            with open(out) as f:
-                result = json.load(f)
-        else:
-            failure = (
-                "timeout"
-                if timed_out
-                else (
-                    "oom"
-                    if _looks_like_oom(stderr_tail) or child.returncode in (-6, -9)
-                    else "crash"
-                )
-            )
-            result = {"ok": False, "failure": failure, "message": stderr_tail[-500:]}
-    result["exit_code"] = child.returncode
-    result["peak_rss_gib"] = usage.ru_maxrss * 1024 / GIB  # ru_maxrss is in KiB on Linux
+    spec = dict(layer_kind=layer_kind, length=length, causal=causal, xla=xla, repeats=repeats)
+    result = run_in_capped_child(
+        __file__,
+        spec,
+        memory_limit_gb=memory_limit_gb,
+        timeout_s=timeout_s,
+        env={"KERAS_BACKEND": "tensorflow"},
+        poll_s=0.2,
+    )
+    result["peak_rss_gib"] = result["wait4_maxrss_gib"]
     result.update(layer=layer_kind, length=length, causal=causal, xla=xla)
     return result
 
@@ -356,7 +290,7 @@ def main(argv=None):
     parser.add_argument("--_trial", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args._trial:
-        _trial_main(args._trial)
+        child_trial_main(args._trial, run_trial)
         return
 
     settings = dict(

@@ -38,19 +38,21 @@ CPU times alongside.
 
 import argparse
 import contextlib
-import json
 import os
-import resource
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import memory_gib, run_info, write_json  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    child_trial_main,
+    memory_gib,
+    run_in_capped_child,
+    run_info,
+    write_json,
+)
 
 VOCAB = 1024
 WIDTH = 256
@@ -59,7 +61,6 @@ INTERMEDIATE = 1024
 NUM_BLOCKS = 2
 NUM_RANDOM_FEATURES = 128
 CHUNK = 128
-GIB = 2**30
 ATTENTION_TYPES = ("favor", "softmax")
 
 # ----------------------------------------------------------------------------------------------
@@ -306,75 +307,17 @@ def decode_trial(path, contexts, threads, repeats, steps_per_repeat, seed=0):
     }
 
 
-def _trial_main(spec):
-    spec = json.loads(spec)
-    limit = spec.pop("memory_limit_bytes")
-    if limit:
-        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-    out_path = spec.pop("out")
-    kind = spec.pop("kind")
+def _run_trial(kind, **spec):
     trials = {"forward": forward_trial, "decode": decode_trial, "convert": convert_trial}
-    try:
-        result = trials[kind](**spec)
-    except Exception as error:  # noqa: BLE001 - any failure of the trial is its result
-        failure = "oom" if _looks_like_oom(repr(error)) else "error"
-        result = {"ok": False, "failure": failure, "message": repr(error)[-500:]}
-    with open(out_path, "w") as f:
-        json.dump(result, f)
-
-
-def _looks_like_oom(text):
-    text = text.lower()
-    return any(
-        s in text
-        for s in ("oom", "out of memory", "bad_alloc", "memoryerror", "failed to allocate")
-    )
+    return trials[kind](**spec)
 
 
 def trial(kind, *, memory_limit_gb, timeout_s, **spec):
-    """Runs one trial in a capped child process; adds its peak RSS (wait4) and exit status."""
-    with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "result.json")
-        spec.update(kind=kind, out=out, memory_limit_bytes=int((memory_limit_gb or 0) * GIB))
-        env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
-        with open(os.path.join(tmp, "stderr"), "w+") as stderr:
-            child = subprocess.Popen(
-                [sys.executable, os.path.abspath(__file__), "--_trial", json.dumps(spec)],
-                stdout=subprocess.DEVNULL,
-                stderr=stderr,
-                env=env,
-                start_new_session=True,
-            )
-            deadline = time.monotonic() + timeout_s
-            status, usage, timed_out = None, None, False
-            while status is None:
-                pid, wait_status, wait_usage = os.wait4(child.pid, os.WNOHANG)
-                if pid:
-                    status, usage = wait_status, wait_usage
-                elif time.monotonic() > deadline:
-                    os.killpg(child.pid, signal.SIGKILL)
-                    timed_out = True
-                    _, status, usage = os.wait4(child.pid, 0)
-                else:
-                    time.sleep(0.1)
-            child.returncode = os.waitstatus_to_exitcode(status)  # already reaped
-            stderr.seek(0)
-            stderr_tail = stderr.read()[-2000:]
-        if os.path.exists(out):
-            with open(out) as f:
-                result = json.load(f)
-        else:
-            if timed_out:
-                failure = "timeout"
-            elif _looks_like_oom(stderr_tail) or child.returncode in (-6, -9, -11):
-                failure = "oom"
-            else:
-                failure = "crash"
-            result = {"ok": False, "failure": failure, "message": stderr_tail[-500:]}
-    result["exit_code"] = child.returncode
-    # The child's own high-water mark; a child that died (e.g. out of memory) has only the
-    # kernel's ru_maxrss (in KiB on Linux), exact too since the parent is small when it forks.
-    result["wait4_maxrss_gib"] = usage.ru_maxrss * 1024 / GIB
+    """Runs one trial in a capped child process; adds its peak RSS and exit status."""
+    result = run_in_capped_child(
+        __file__, {**spec, "kind": kind}, memory_limit_gb=memory_limit_gb, timeout_s=timeout_s
+    )
+    # The child's own high-water mark where it reported one, else the kernel's (wait4).
     result["peak_rss_gib"] = result.get("hwm_rss_gib") or result["wait4_maxrss_gib"]
     return result
 
@@ -560,7 +503,7 @@ def main(argv=None):
     parser.add_argument("--_trial", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args._trial:
-        _trial_main(args._trial)
+        child_trial_main(args._trial, _run_trial)
         return
     if args.lengths is None:
         args.lengths = [256, 1024] if args.quick else [1024, 4096, 16384]
