@@ -40,6 +40,7 @@ if __package__ in (None, ""):  # run as a script: make `examples` importable
 import keras  # noqa: E402
 
 from examples import data  # noqa: E402
+from examples.baselines import exact_block  # noqa: E402
 from examples.quickstart import train  # noqa: E402
 from keras_favor.layers import FavorTransformerDecoder, TokenAndPositionEmbedding  # noqa: E402
 
@@ -61,37 +62,6 @@ DESCRIPTIONS = {
     "favor_hyperbolic": "FAVOR+ hyperbolic features (2M), redrawn",
     "favor_relu": "FAVOR ReLU random features, redrawn",
 }
-
-
-def exact_decoder_block(x, intermediate_dim, num_heads, seed, name):
-    """The pre-LN `FavorTransformerDecoder` structure with exact causal softmax attention.
-
-    x + MHA(LN(x)) (causal), then x + Dense(GELU(Dense(LN(x)))): the same layers, shapes and
-    initializers as `FavorTransformerDecoder(normalize_first=True, activation="gelu")`, whose
-    `FavorAttention` has `MultiHeadAttention`'s projections.
-    """
-    width = x.shape[-1]
-    h = keras.layers.LayerNormalization(epsilon=1e-5, name=f"{name}_attention_norm")(x)
-    h = keras.layers.MultiHeadAttention(
-        num_heads,
-        width // num_heads,
-        kernel_initializer=keras.initializers.GlorotUniform(seed=seed),
-        name=f"{name}_attention",
-    )(h, h, use_causal_mask=True)
-    x = keras.layers.Add(name=f"{name}_attention_residual")([x, h])
-    h = keras.layers.LayerNormalization(epsilon=1e-5, name=f"{name}_feedforward_norm")(x)
-    h = keras.layers.Dense(
-        intermediate_dim,
-        activation="gelu",
-        kernel_initializer=keras.initializers.GlorotUniform(seed=seed + 1),
-        name=f"{name}_feedforward_intermediate",
-    )(h)
-    h = keras.layers.Dense(
-        width,
-        kernel_initializer=keras.initializers.GlorotUniform(seed=seed + 2),
-        name=f"{name}_feedforward_output",
-    )(h)
-    return keras.layers.Add(name=f"{name}_feedforward_residual")([x, h])
 
 
 def build_model(
@@ -118,7 +88,7 @@ def build_model(
     for i in range(num_blocks):
         block_seed = seed * 1000 + 10 * i
         if attention == "exact":
-            x = exact_decoder_block(x, intermediate_dim, num_heads, block_seed, f"decoder_{i}")
+            x = exact_block(x, intermediate_dim, num_heads, block_seed, f"decoder_{i}", causal=True)
         else:
             x = FavorTransformerDecoder(
                 intermediate_dim=intermediate_dim,

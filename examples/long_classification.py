@@ -43,6 +43,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 from examples import data  # noqa: E402
+from examples.baselines import exact_block  # noqa: E402
 from keras_favor.layers import FavorTransformerEncoder, TokenAndPositionEmbedding  # noqa: E402
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -123,36 +124,6 @@ def encode(expressions, length):
     return ids
 
 
-def exact_encoder_block(x, intermediate_dim, num_heads, seed, name):
-    """The pre-LN `FavorTransformerEncoder` structure with exact softmax attention.
-
-    x + MHA(LN(x)), then x + Dense(Dense(LN(x))); the padding mask travels as the Keras mask of
-    `x`, which `MultiHeadAttention` honours for queries and keys.
-    """
-    width = x.shape[-1]
-    h = keras.layers.LayerNormalization(epsilon=1e-5, name=f"{name}_attention_norm")(x)
-    h = keras.layers.MultiHeadAttention(
-        num_heads,
-        width // num_heads,
-        kernel_initializer=keras.initializers.GlorotUniform(seed=seed),
-        name=f"{name}_attention",
-    )(h, h)
-    x = keras.layers.Add(name=f"{name}_attention_residual")([x, h])
-    h = keras.layers.LayerNormalization(epsilon=1e-5, name=f"{name}_feedforward_norm")(x)
-    h = keras.layers.Dense(
-        intermediate_dim,
-        activation="gelu",
-        kernel_initializer=keras.initializers.GlorotUniform(seed=seed + 1),
-        name=f"{name}_feedforward_intermediate",
-    )(h)
-    h = keras.layers.Dense(
-        width,
-        kernel_initializer=keras.initializers.GlorotUniform(seed=seed + 2),
-        name=f"{name}_feedforward_output",
-    )(h)
-    return keras.layers.Add(name=f"{name}_feedforward_residual")([x, h])
-
-
 def build_classifier(
     variant,
     width=64,
@@ -181,7 +152,7 @@ def build_classifier(
     for i in range(num_blocks):
         block_seed = seed * 1000 + 10 * i
         if variant == "exact":
-            x = exact_encoder_block(x, intermediate_dim, num_heads, block_seed, f"encoder_{i}")
+            x = exact_block(x, intermediate_dim, num_heads, block_seed, f"encoder_{i}")
         else:
             x = FavorTransformerEncoder(
                 intermediate_dim=intermediate_dim,
