@@ -24,8 +24,6 @@ validation bits per byte, training time and parameters), `results.csv`, `results
 curves and settings) and `loss_curves.png` (validation bits per byte against step).
 """
 
-import csv
-import json
 import math
 import os
 import platform
@@ -108,13 +106,6 @@ def build_model(
 
 def write_results(output_dir, results, settings):
     """Writes results.json, results.csv, results.md and loss_curves.png; returns their paths."""
-    os.makedirs(output_dir, exist_ok=True)
-    paths = {
-        name: os.path.join(output_dir, name)
-        for name in ("results.json", "results.csv", "results.md", "loss_curves.png")
-    }
-    with open(paths["results.json"], "w") as f:
-        json.dump({"settings": settings, "results": results}, f, indent=2)
     columns = [
         "variant",
         "validation_bits_per_byte",
@@ -123,12 +114,7 @@ def write_results(output_dir, results, settings):
         "seconds_per_step",
         "parameters",
     ]
-    with open(paths["results.csv"], "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(columns)
-        for row in results:
-            writer.writerow([row[c] for c in columns])
-    lines = [
+    header = [
         f"Byte-level LM on the Python {settings['python']} standard library source: "
         f"{settings['steps']} steps of {settings['batch_size']} x {settings['sequence_length']} "
         f"bytes, width {settings['width']}, {settings['num_blocks']} blocks, "
@@ -140,14 +126,16 @@ def write_results(output_dir, results, settings):
         "| train time (s) | s/step |",
         "|---|---|---|---|---|---|",
     ]
-    for row in results:
-        lines.append(
+
+    def row_line(row):
+        return (
             f"| `{row['variant']}` | {DESCRIPTIONS[row['variant']]} | "
             f"{row['validation_bits_per_byte']:.3f} | {row['final_train_bits_per_byte']:.3f} | "
             f"{row['train_seconds']:.0f} | {row['seconds_per_step']:.3f} |"
         )
-    with open(paths["results.md"], "w") as f:
-        f.write("\n".join(lines) + "\n")
+
+    paths = data.write_results_tables(output_dir, settings, results, columns, header, row_line)
+    paths["loss_curves.png"] = os.path.join(output_dir, "loss_curves.png")
     _plot(paths["loss_curves.png"], results)
     return paths
 

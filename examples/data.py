@@ -9,7 +9,9 @@ bits per byte by dividing by ln 2.
 """
 
 import argparse
+import csv
 import inspect
+import json
 import math
 import os
 import sysconfig
@@ -192,6 +194,26 @@ def cross_entropy(logits, targets):
 def trainable_parameters(model):
     """The number of trainable parameters (FAVOR's random projections are non-trainable)."""
     return int(sum(np.prod(weight.shape) for weight in model.trainable_weights))
+
+
+RESULTS_FILES = ("results.json", "results.csv", "results.md")
+
+
+def write_results_tables(output_dir, settings, results, columns, header_lines, row_line):
+    """Writes an example's results as results.json (settings and rows), results.csv (`columns`)
+    and results.md (`header_lines`, then `row_line(row)` per row); returns the three paths."""
+    os.makedirs(output_dir, exist_ok=True)
+    paths = {name: os.path.join(output_dir, name) for name in RESULTS_FILES}
+    with open(paths["results.json"], "w") as f:
+        json.dump({"settings": settings, "results": results}, f, indent=2)
+    with open(paths["results.csv"], "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(columns)
+        for row in results:
+            writer.writerow([row[c] for c in columns])
+    with open(paths["results.md"], "w") as f:
+        f.write("\n".join([*header_lines, *(row_line(row) for row in results)]) + "\n")
+    return paths
 
 
 def parse_main_arguments(main, argv=None, types=None, choices=None, helps=None):

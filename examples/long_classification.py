@@ -25,8 +25,6 @@ Writes, to `--output-dir` (default `examples/results/long_classification/`): `re
 padded length, and the settings).
 """
 
-import csv
-import json
 import os
 import platform
 import random
@@ -217,13 +215,6 @@ def _inference_seconds(model, ids, batch_size, repeats=3):
 
 def write_results(output_dir, results, settings):
     """Writes results.json, results.csv and results.md; returns their paths."""
-    os.makedirs(output_dir, exist_ok=True)
-    paths = {
-        name: os.path.join(output_dir, name)
-        for name in ("results.json", "results.csv", "results.md")
-    }
-    with open(paths["results.json"], "w") as f:
-        json.dump({"settings": settings, "results": results}, f, indent=2)
     columns = [
         "variant",
         "test_accuracy",
@@ -233,12 +224,7 @@ def write_results(output_dir, results, settings):
         "inference_seconds_per_batch",
         "parameters",
     ]
-    with open(paths["results.csv"], "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(columns)
-        for row in results:
-            writer.writerow([row[c] for c in columns])
-    lines = [
+    header = [
         f"ListOps (LRA generator), lengths {settings['min_length'] + 1}-"
         f"{settings['max_length'] - 1} tokens (median {settings['median_length']}), padded to "
         f"{settings['padded_length']}; {settings['train_examples']} training / "
@@ -251,15 +237,15 @@ def write_results(output_dir, results, settings):
         f"| inference, batch of {settings['batch_size']} x {settings['padded_length']} (s) |",
         "|---|---|---|---|---|---|",
     ]
-    for row in results:
-        lines.append(
+
+    def row_line(row):
+        return (
             f"| {row['variant']} | {row['test_accuracy']:.1%} | {row['train_accuracy']:.1%} | "
             f"{row['train_seconds']:.0f} | {row['seconds_per_step']:.3f} | "
             f"{row['inference_seconds_per_batch']:.3f} |"
         )
-    with open(paths["results.md"], "w") as f:
-        f.write("\n".join(lines) + "\n")
-    return paths
+
+    return data.write_results_tables(output_dir, settings, results, columns, header, row_line)
 
 
 def main(
