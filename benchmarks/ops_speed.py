@@ -5,11 +5,12 @@ Times `keras_favor.ops.favor_attention` (non-causal and causal) and
 with respect to query, key and value, at several lengths, with and without XLA, and a square
 float32 matmul timed next to each length's cases as the machine's reference rate (the better of
 the modes; "%matmul" is FAVOR's effective GFLOP/s over it). One run prints everything and
-writes benchmarks/results/ops_speed.json.
+writes benchmarks/results/ops_speed.json (a run without TensorFlow: ops_speed_<backend>.json).
 
     python -m benchmarks.ops_speed                  # L = 1024, 4096, 8192, 16384
     python -m benchmarks.ops_speed --quick          # a smoke run in about a minute
     python -m benchmarks.ops_speed --backends tensorflow,jax
+    python -m benchmarks.ops_speed --backends jax   # writes ops_speed_jax.json
 
 Timing. All cases of one length (both modes, and the reference matmul) are compiled first, then
 timed in interleaved rounds, each case once per round; the minimum over rounds is reported (the
@@ -545,7 +546,11 @@ def main(argv=None):
             json.dump(data, f, indent=2)
         path = args.output
     else:
-        path = write_json("ops_speed", data)
+        # A run without TensorFlow keeps its own file instead of replacing the TensorFlow figures.
+        name = "ops_speed"
+        if "tensorflow" not in args.backends:
+            name += "_" + "_".join(args.backends)
+        path = write_json(name, data)
     print(f"\nwrote {os.path.relpath(path)}")
     return data
 
