@@ -8,6 +8,7 @@ from keras_favor.layers._positions import positive_int, positive_number
 from keras_favor.layers._rotary_favor_attention import RotaryFavorAttention
 from keras_favor.layers.favor_attention import FavorAttention
 from keras_favor.layers.rotary_embedding import apply_rotary_embedding
+from keras_favor.ops.linear_attention import check_padding_mask
 from keras_favor.ops.random_features import ROW_NORMS
 
 try:  # How Keras reads implicit masks on any backend (attributes cannot be set on JAX arrays).
@@ -193,16 +194,7 @@ def make_attention(block, key_dim, seed_index, name, rotary):
 def merge_masks(implicit, explicit, name, batch, length):
     """The key padding mask (B, L) of a block input: its Keras mask AND the explicit one."""
     if explicit is not None:
-        shape = tuple(explicit.shape)
-        if (
-            len(shape) != 2
-            or (shape[0] is not None and batch is not None and shape[0] != batch)
-            or (shape[1] is not None and length is not None and shape[1] != length)
-        ):
-            raise ValueError(
-                f"Argument `{name}` must have shape (batch, length) = ({batch}, {length}). "
-                f"Received: {name}.shape={shape}"
-            )
+        check_padding_mask(explicit, name, batch, length)
         explicit = ops.cast(explicit, "bool")
     if implicit is None:
         return explicit

@@ -9,6 +9,7 @@ from keras import constraints, initializers, ops, regularizers
 
 from keras_favor import feature_maps as feature_maps_lib
 from keras_favor.ops.linear_attention import (
+    check_padding_mask,
     favor_attention,
     favor_attention_step,
     favor_initial_state,
@@ -606,7 +607,7 @@ class FavorAttention(keras.layers.Layer):
         for name, mask in masks:
             if mask is None:
                 continue
-            _check_key_mask(mask, name, batch, key_length)
+            check_padding_mask(mask, name, batch, key_length)
             mask = ops.cast(mask, "bool")
             padding_mask = mask if padding_mask is None else ops.logical_and(padding_mask, mask)
 
@@ -665,7 +666,7 @@ class FavorAttention(keras.layers.Layer):
         )
         for name, mask in (("value_mask", value_mask), ("key_mask", key_mask)):
             if mask is not None:
-                _check_key_mask(mask, name, value.shape[0], value.shape[1])
+                check_padding_mask(mask, name, value.shape[0], value.shape[1])
         shape = self.compute_output_shape(query.shape, value.shape, key_shape)
         return keras.KerasTensor(shape, dtype=self.compute_dtype)
 
@@ -768,16 +769,3 @@ def _check_input_shapes(query_shape, value_shape, key_shape):
                 "Arguments `key` and `value` must have the same length. "
                 f"Received: key.shape={tuple(key_shape)}, value.shape={tuple(value_shape)}"
             )
-
-
-def _check_key_mask(mask, name, batch, key_length):
-    shape = tuple(mask.shape)
-    if (
-        len(shape) != 2
-        or (shape[0] is not None and batch is not None and shape[0] != batch)
-        or (shape[1] is not None and key_length is not None and shape[1] != key_length)
-    ):
-        raise ValueError(
-            f"Argument `{name}` must be a key padding mask of shape (batch, key_length) = "
-            f"({batch}, {key_length}). Received: {name}.shape={shape}"
-        )

@@ -31,6 +31,20 @@ def _check_dim(a, b, what):
         raise ValueError(what)
 
 
+def check_padding_mask(mask, name, batch, length):
+    """Raises a ValueError naming `name` unless `mask` is (batch, length); None dims match."""
+    shape = tuple(mask.shape)
+    if (
+        len(shape) != 2
+        or (shape[0] is not None and batch is not None and shape[0] != batch)
+        or (shape[1] is not None and length is not None and shape[1] != length)
+    ):
+        raise ValueError(
+            f"Argument `{name}` must be a key padding mask of shape (batch, length) = "
+            f"({batch}, {length}). Received: {name}.shape={shape}"
+        )
+
+
 def _check_state(s_state, z_state, s_expected):
     # S (B, N, F, D) and z (B, N, F), F the feature map's output dim; unknown (None) dims match.
     z_expected = s_expected[:3]
@@ -337,16 +351,7 @@ def favor_attention(
     _check_projection(feature_map, projection_matrix, qs[-1])
     mask = None
     if key_padding_mask is not None:
-        ms = tuple(key_padding_mask.shape)
-        if (
-            len(ms) != 2
-            or (ms[0] is not None and qs[0] is not None and ms[0] != qs[0])
-            or (ms[1] is not None and ks[1] is not None and ms[1] != ks[1])
-        ):
-            raise ValueError(
-                "Argument `key_padding_mask` must have shape (batch, key_length) = "
-                f"({qs[0]}, {ks[1]}). Received: key_padding_mask.shape={ms}"
-            )
+        check_padding_mask(key_padding_mask, "key_padding_mask", qs[0], ks[1])
         # expand_dims, not [:, None, :, None]: a strided slice adding axes has no TFLite builtin.
         mask = ops.expand_dims(ops.cast(key_padding_mask, "float32"), (1, 3))  # (B, 1, S, 1)
 
