@@ -22,6 +22,11 @@ def backend():
     return keras.backend.backend()
 
 
+def data(*shape, seed=0, scale=1.0):
+    """float32 standard-normal test data of `shape` (times `scale`), fixed by `seed`."""
+    return (np.random.default_rng(seed).normal(size=shape) * scale).astype("float32")
+
+
 def to_numpy(x):
     """A tensor or variable (floats, bfloat16 included, as float32) as a numpy array."""
     if isinstance(x, keras.Variable):

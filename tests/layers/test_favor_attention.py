@@ -20,7 +20,7 @@ from keras import ops
 from keras_favor import FavorAttention
 from keras_favor.feature_maps import FeatureMap
 from keras_favor.ops import random_features_matrix
-from tests.testing import TestCase, to_numpy
+from tests.testing import TestCase, data, to_numpy
 
 tf_only = pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="TensorFlow-specific")
 
@@ -45,10 +45,6 @@ class ScaledRelu(FeatureMap):
 
     def get_config(self):
         return {"scale": self.scale}
-
-
-def data(*shape, seed=0, scale=1.0):
-    return (np.random.default_rng(seed).normal(size=shape) * scale).astype("float32")
 
 
 # All arguments non-default: a `get_config` that drops one cannot pass the round trip.

@@ -14,7 +14,7 @@ from keras_favor.layers import (
     initial_decode_state,
 )
 from tests.layers import softmax_reference
-from tests.testing import TestCase, to_numpy
+from tests.testing import TestCase, data, to_numpy
 
 ALL_ARGUMENTS = dict(
     intermediate_dim=12,
@@ -36,10 +36,6 @@ ALL_ARGUMENTS = dict(
 )
 
 SMALL = dict(intermediate_dim=16, num_heads=2, num_random_features=16, seed=0)
-
-
-def data(*shape, seed=0):
-    return np.random.default_rng(seed).normal(size=shape).astype("float32")
 
 
 class TestHarness(TestCase):

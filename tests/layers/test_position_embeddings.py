@@ -13,11 +13,7 @@ from keras_favor.layers import (
     SinePositionEncoding,
     TokenAndPositionEmbedding,
 )
-from tests.testing import TestCase, to_numpy
-
-
-def data(*shape, seed=0):
-    return np.random.default_rng(seed).normal(size=shape).astype("float32")
+from tests.testing import TestCase, data, to_numpy
 
 
 def tokens(*shape, vocabulary_size=20, seed=0):
