@@ -7,20 +7,10 @@ import warnings
 import keras
 import numpy as np
 
+from keras_favor._checks import positive_int
 from keras_favor.layers.favor_attention import FavorAttention
 
 _logger = logging.getLogger(__name__)
-
-
-def _optional_positive_int(value, name):
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(
-            f"Received an invalid value for argument `{name}`, expected a positive integer or "
-            f"None. Received: {name}={value!r}"
-        )
-    return value
 
 
 def redraw_seed(seed, redraw_index, layer_index):
@@ -130,8 +120,8 @@ class RedrawRandomFeatures(keras.callbacks.Callback):
     """
 
     def __init__(self, every_n_steps=None, every_n_epochs=None, layers=None, seed=None, verbose=0):
-        _optional_positive_int(every_n_steps, "every_n_steps")
-        _optional_positive_int(every_n_epochs, "every_n_epochs")
+        positive_int(every_n_steps, "every_n_steps", allow_none=True)
+        positive_int(every_n_epochs, "every_n_epochs", allow_none=True)
         if (every_n_steps is None) == (every_n_epochs is None):
             raise ValueError(
                 "Exactly one of the arguments `every_n_steps` and `every_n_epochs` must be a "

@@ -4,7 +4,7 @@ import keras
 from keras import ops
 
 from keras_favor import feature_maps as feature_maps_lib
-from keras_favor.layers._positions import positive_int, positive_number
+from keras_favor._checks import invalid, positive_int, positive_number
 from keras_favor.layers._rotary_favor_attention import RotaryFavorAttention
 from keras_favor.layers.favor_attention import FavorAttention
 from keras_favor.layers.rotary_embedding import apply_rotary_embedding
@@ -41,13 +41,6 @@ def derive_seed(seed, index):
     return (seed * _SEED_MULTIPLIER + (index + 1) * _INDEX_MULTIPLIER) % (2**31 - 1)
 
 
-def _invalid(name, expected, value):
-    return ValueError(
-        f"Received an invalid value for argument `{name}`, expected {expected}. "
-        f"Received: {name}={value!r}"
-    )
-
-
 def validate_block_args(
     *,
     intermediate_dim,
@@ -72,11 +65,11 @@ def validate_block_args(
     positive_int(intermediate_dim, "intermediate_dim")
     positive_int(num_heads, "num_heads")
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
-        raise _invalid("dropout", "a number in [0, 1)", dropout)
+        raise invalid("dropout", "a number in [0, 1)", dropout)
     try:
         activation = keras.activations.get(activation)
     except (ValueError, TypeError) as error:
-        raise _invalid("activation", f"an activation name or callable ({error})", activation)
+        raise invalid("activation", f"an activation name or callable ({error})", activation)
     positive_number(layer_norm_epsilon, "layer_norm_epsilon")
     initializers = []
     for name, value in (
@@ -86,24 +79,24 @@ def validate_block_args(
         try:
             initializers.append(keras.initializers.get(value))
         except (ValueError, TypeError) as error:
-            raise _invalid(name, f"an initializer ({error})", value)
+            raise invalid(name, f"an initializer ({error})", value)
     for name, value in (
         ("normalize_first", normalize_first),
         ("orthogonal", orthogonal),
         ("use_rotary_embedding", use_rotary_embedding),
     ):
         if not isinstance(value, bool):
-            raise _invalid(name, "a bool", value)
+            raise invalid(name, "a bool", value)
     feature_map = feature_maps_lib.get(feature_map)
     positive_int(num_random_features, "num_random_features")
     if row_norms not in ROW_NORMS:
-        raise _invalid("row_norms", f"one of {ROW_NORMS}", row_norms)
+        raise invalid("row_norms", f"one of {ROW_NORMS}", row_norms)
     positive_int(causal_chunk_size, "causal_chunk_size")
     positive_number(rotary_max_wavelength, "rotary_max_wavelength")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
-        raise _invalid("seed", "None or a non-negative integer", seed)
+        raise invalid("seed", "None or a non-negative integer", seed)
     if not isinstance(attention_type, str) or attention_type not in ATTENTION_TYPES:
-        raise _invalid("attention_type", f"one of {ATTENTION_TYPES}", attention_type)
+        raise invalid("attention_type", f"one of {ATTENTION_TYPES}", attention_type)
     return activation, initializers[0], initializers[1], feature_map
 
 

@@ -1,27 +1,6 @@
-"""Shared helpers of the position layers: position indices and argument checks."""
+"""Shared helpers of the position layers: position indices."""
 
 from keras import ops
-
-
-def positive_number(value, name):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-        raise ValueError(
-            f"Received an invalid value for argument `{name}`, expected a positive number. "
-            f"Received: {name}={value!r}"
-        )
-    return value
-
-
-def positive_int(value, name, allow_none=False):
-    if allow_none and value is None:
-        return value
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        expected = "None or a positive integer" if allow_none else "a positive integer"
-        raise ValueError(
-            f"Received an invalid value for argument `{name}`, expected {expected}. "
-            f"Received: {name}={value!r}"
-        )
-    return value
 
 
 def position_indices(start_index, length):

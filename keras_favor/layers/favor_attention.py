@@ -8,6 +8,7 @@ import keras
 from keras import constraints, initializers, ops, regularizers
 
 from keras_favor import feature_maps as feature_maps_lib
+from keras_favor._checks import invalid, is_int, positive_int
 from keras_favor.ops.linear_attention import (
     check_padding_mask,
     favor_attention,
@@ -31,23 +32,6 @@ except ImportError:  # pragma: no cover - private API moved: sublayers then only
 # Derived seeds for redraws of a layer with an explicit integer seed (see `_draw_seed`).
 _SEED_MULTIPLIER = 0x9E3779B1
 _COUNT_MULTIPLIER = 0x85EBCA77
-
-
-def _invalid(name, expected, value):
-    return ValueError(
-        f"Received an invalid value for argument `{name}`, expected {expected}. "
-        f"Received: {name}={value!r}"
-    )
-
-
-def _is_int(value):
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _positive_int(value, name):
-    if not _is_int(value) or value <= 0:
-        raise _invalid(name, "a positive integer", value)
-    return value
 
 
 def _get_or_raise(module, identifier, name):
@@ -204,26 +188,26 @@ class FavorAttention(keras.layers.Layer):
         seed=None,
         **kwargs,
     ):
-        _positive_int(num_heads, "num_heads")
-        _positive_int(key_dim, "key_dim")
+        positive_int(num_heads, "num_heads")
+        positive_int(key_dim, "key_dim")
         if value_dim is not None:
-            _positive_int(value_dim, "value_dim")
+            positive_int(value_dim, "value_dim")
         if (
             isinstance(dropout, bool)
             or not isinstance(dropout, (int, float))
             or not 0.0 <= dropout < 1.0
         ):
-            raise _invalid("dropout", "a number in [0, 1)", dropout)
+            raise invalid("dropout", "a number in [0, 1)", dropout)
         if not isinstance(use_bias, bool):
-            raise _invalid("use_bias", "a bool", use_bias)
+            raise invalid("use_bias", "a bool", use_bias)
         if output_shape is not None:
-            shape = (output_shape,) if _is_int(output_shape) else output_shape
+            shape = (output_shape,) if is_int(output_shape) else output_shape
             if (
                 not isinstance(shape, (tuple, list))
                 or not shape
-                or not all(_is_int(d) and d > 0 for d in shape)
+                or not all(is_int(d) and d > 0 for d in shape)
             ):
-                raise _invalid(
+                raise invalid(
                     "output_shape", "None, a positive int or a tuple of positive ints", output_shape
                 )
             output_shape = tuple(shape)
@@ -237,14 +221,14 @@ class FavorAttention(keras.layers.Layer):
         kernel_constraint = _get_or_raise(constraints, kernel_constraint, "kernel_constraint")
         bias_constraint = _get_or_raise(constraints, bias_constraint, "bias_constraint")
         feature_map = feature_maps_lib.get(feature_map)
-        _positive_int(num_random_features, "num_random_features")
+        positive_int(num_random_features, "num_random_features")
         if not isinstance(orthogonal, bool):
-            raise _invalid("orthogonal", "a bool", orthogonal)
+            raise invalid("orthogonal", "a bool", orthogonal)
         if row_norms not in ROW_NORMS:
-            raise _invalid("row_norms", f"one of {ROW_NORMS}", row_norms)
-        _positive_int(causal_chunk_size, "causal_chunk_size")
-        if seed is not None and (not _is_int(seed) or seed < 0):
-            raise _invalid("seed", "None or a non-negative integer", seed)
+            raise invalid("row_norms", f"one of {ROW_NORMS}", row_norms)
+        positive_int(causal_chunk_size, "causal_chunk_size")
+        if seed is not None and (not is_int(seed) or seed < 0):
+            raise invalid("seed", "None or a non-negative integer", seed)
 
         super().__init__(**kwargs)
         self.supports_masking = True
@@ -510,8 +494,8 @@ class FavorAttention(keras.layers.Layer):
                 `seed` and the new `redraw_count` (seeded layers: reproducible, also when training
                 resumes from a checkpoint).
         """
-        if seed is not None and (not _is_int(seed) or seed < 0):
-            raise _invalid("seed", "None or a non-negative integer", seed)
+        if seed is not None and (not is_int(seed) or seed < 0):
+            raise invalid("seed", "None or a non-negative integer", seed)
         if not self.built:
             raise ValueError(
                 f"Layer '{self.name}' must be built before `redraw_random_features` (call it on "
@@ -544,7 +528,7 @@ class FavorAttention(keras.layers.Layer):
                 f"Received: return_attention_scores={return_attention_scores!r}"
             )
         if not isinstance(use_causal_mask, bool):
-            raise _invalid("use_causal_mask", "a bool", use_causal_mask)
+            raise invalid("use_causal_mask", "a bool", use_causal_mask)
         _check_input_shapes(query_shape, value_shape, key_shape)
         if use_causal_mask:
             t, s = query_shape[1], value_shape[1]
@@ -686,13 +670,13 @@ class FavorAttention(keras.layers.Layer):
         Returns:
             The pair (S, z).
         """
-        if _is_int(batch_size):
-            _positive_int(batch_size, "batch_size")
+        if is_int(batch_size):
+            positive_int(batch_size, "batch_size")
         else:
             shape = getattr(batch_size, "shape", None)
             dtype = str(getattr(batch_size, "dtype", ""))
             if shape is None or tuple(shape) != () or "int" not in dtype:
-                raise _invalid(
+                raise invalid(
                     "batch_size", "a positive integer or a scalar integer tensor", batch_size
                 )
         return favor_initial_state(

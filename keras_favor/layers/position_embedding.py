@@ -3,7 +3,8 @@
 import keras
 from keras import ops
 
-from keras_favor.layers._positions import position_indices, positive_int
+from keras_favor._checks import positive_int
+from keras_favor.layers._positions import position_indices
 
 
 @keras.saving.register_keras_serializable(package="keras_favor")

@@ -3,7 +3,8 @@
 import keras
 from keras import ops
 
-from keras_favor.layers._positions import position_indices, positive_number
+from keras_favor._checks import positive_number
+from keras_favor.layers._positions import position_indices
 
 
 def _axis(value, name):

@@ -3,7 +3,7 @@
 import keras
 from keras import ops
 
-from keras_favor.layers._positions import positive_int, positive_number
+from keras_favor._checks import positive_int, positive_number
 from keras_favor.layers.position_embedding import PositionEmbedding
 from keras_favor.layers.sine_position_encoding import SinePositionEncoding
 

@@ -12,7 +12,7 @@ and normaliser come out of the same matmuls.
 from keras import ops
 
 from keras_favor import feature_maps as feature_maps_lib
-from keras_favor.ops.random_features import _positive_int
+from keras_favor._checks import positive_int
 
 DEFAULT_CHUNK_SIZE = 128
 _PREFIX_BLOCK = 32  # chunks per block of the blocked prefix sum over chunks
@@ -336,7 +336,7 @@ def favor_attention(
         Choromanski et al., Rethinking Attention with Performers, arXiv 2009.14794.
     """
     feature_map = feature_maps_lib.get(feature_map)
-    _positive_int(chunk_size, "chunk_size")
+    positive_int(chunk_size, "chunk_size")
     if not isinstance(causal, bool):
         raise ValueError(f"Argument `causal` must be a bool. Received: causal={causal!r}")
     _validate_qkv(query, key, value)
@@ -392,7 +392,7 @@ def favor_initial_state(
             "Received: num_random_features=None"
         )
     if num_random_features is not None:
-        _positive_int(num_random_features, "num_random_features")
+        positive_int(num_random_features, "num_random_features")
     feat_dim = feature_map.output_dim(key_dim, num_random_features)
     return (
         ops.zeros((batch_size, num_heads, feat_dim, value_dim), dtype="float32"),

@@ -8,16 +8,9 @@ import math
 import keras
 from keras import ops
 
+from keras_favor._checks import positive_int
+
 ROW_NORMS = ("chi", "sqrt_dim")
-
-
-def _positive_int(value, name):
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(
-            f"Received an invalid value for argument `{name}`, expected a positive integer. "
-            f"Received: {name}={value!r}"
-        )
-    return value
 
 
 def random_features_matrix(num_features, dim, *, orthogonal=True, row_norms="chi", seed=None):
@@ -51,8 +44,8 @@ def random_features_matrix(num_features, dim, *, orthogonal=True, row_norms="chi
         Choromanski et al., Rethinking Attention with Performers, arXiv 2009.14794.
         Mezzadri, How to generate random matrices from the classical compact groups, 2007.
     """
-    _positive_int(num_features, "num_features")
-    _positive_int(dim, "dim")
+    positive_int(num_features, "num_features")
+    positive_int(dim, "dim")
     if row_norms not in ROW_NORMS:
         raise ValueError(
             f"Received an invalid value for argument `row_norms`, expected one of {ROW_NORMS}. "
