@@ -1,23 +1,13 @@
 """Shared pieces of `FavorTransformerEncoder` and `FavorTransformerDecoder`."""
 
 import keras
-from keras import ops
 
 from keras_favor import feature_maps as feature_maps_lib
 from keras_favor._checks import invalid, positive_int, positive_number
 from keras_favor.layers._rotary_favor_attention import RotaryFavorAttention
 from keras_favor.layers.favor_attention import FavorAttention
 from keras_favor.layers.rotary_embedding import apply_rotary_embedding
-from keras_favor.ops.linear_attention import check_padding_mask
 from keras_favor.ops.random_features import ROW_NORMS
-
-try:  # How Keras reads implicit masks on any backend (attributes cannot be set on JAX arrays).
-    from keras.src.backend import get_keras_mask
-except ImportError:  # pragma: no cover - private API moved: fall back to the attribute.
-
-    def get_keras_mask(x):
-        return getattr(x, "_keras_mask", None)
-
 
 # Sub-seeds of a block: index 0 self-attention, 1 cross-attention, 2.. dropouts.
 _SEED_MULTIPLIER = 0x9E3779B1
@@ -182,17 +172,6 @@ def make_attention(block, key_dim, seed_index, name, rotary):
     if rotary:
         return RotaryFavorAttention(rotary_max_wavelength=block.rotary_max_wavelength, **kwargs)
     return FavorAttention(**kwargs)
-
-
-def merge_masks(implicit, explicit, name, batch, length):
-    """The key padding mask (B, L) of a block input: its Keras mask AND the explicit one."""
-    if explicit is not None:
-        check_padding_mask(explicit, name, batch, length)
-        explicit = ops.cast(explicit, "bool")
-    if implicit is None:
-        return explicit
-    implicit = ops.cast(implicit, "bool")
-    return implicit if explicit is None else ops.logical_and(implicit, explicit)
 
 
 def block_config(block):

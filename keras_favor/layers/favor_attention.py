@@ -9,6 +9,7 @@ from keras import constraints, initializers, ops, regularizers
 
 from keras_favor import feature_maps as feature_maps_lib
 from keras_favor._checks import invalid, is_int, positive_int
+from keras_favor.layers._masks import get_keras_mask, set_keras_mask
 from keras_favor.ops.linear_attention import (
     check_padding_mask,
     favor_attention,
@@ -16,18 +17,6 @@ from keras_favor.ops.linear_attention import (
     favor_initial_state,
 )
 from keras_favor.ops.random_features import ROW_NORMS, random_features_matrix
-
-try:  # The helpers MultiHeadAttention uses to detach Keras masks from its inputs.
-    from keras.src.backend import get_keras_mask as _get_keras_mask
-    from keras.src.backend import set_keras_mask as _set_keras_mask
-except ImportError:  # pragma: no cover - private API moved: sublayers then only warn.
-
-    def _get_keras_mask(x):
-        return None
-
-    def _set_keras_mask(x, mask):
-        del x, mask
-
 
 # Derived seeds for redraws of a layer with an explicit integer seed (see `_draw_seed`).
 _SEED_MULTIPLIER = 0x9E3779B1
@@ -577,9 +566,9 @@ class FavorAttention(keras.layers.Layer):
         # do not support masking, run (as MultiHeadAttention does), and put them back afterwards,
         # so that calling the layer leaves the caller's tensors as they were.
         inputs = {id(t): t for t in (query, value, key)}.values()
-        input_masks = [(t, _get_keras_mask(t)) for t in inputs]
+        input_masks = [(t, get_keras_mask(t)) for t in inputs]
         for tensor, _ in input_masks:
-            _set_keras_mask(tensor, None)
+            set_keras_mask(tensor, None)
 
         batch, key_length = value.shape[0], value.shape[1]
         padding_mask = None
@@ -600,7 +589,7 @@ class FavorAttention(keras.layers.Layer):
         value = self._value_dense(value)  # (B, S, N, D)
         for tensor, mask in input_masks:
             if mask is not None:
-                _set_keras_mask(tensor, mask)
+                set_keras_mask(tensor, mask)
         output = favor_attention(
             query,
             key,
@@ -615,7 +604,7 @@ class FavorAttention(keras.layers.Layer):
             output = self._dropout_layer(output, training=training)
         output = self._output_dense(output)  # (B, T, E_out)
         if query_mask is not None:
-            _set_keras_mask(output, query_mask)
+            set_keras_mask(output, query_mask)
         return output
 
     def compute_output_shape(self, query_shape, value_shape, key_shape=None):

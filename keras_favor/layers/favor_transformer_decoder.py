@@ -7,10 +7,9 @@ from keras_favor.layers._favor_block import (
     CROSS_ATTENTION,
     CROSS_DROPOUT,
     FavorBlockBase,
-    get_keras_mask,
     make_attention,
-    merge_masks,
 )
+from keras_favor.layers._masks import merged_padding_mask
 
 
 @keras.saving.register_keras_serializable(package="keras_favor")
@@ -159,21 +158,13 @@ class FavorTransformerDecoder(FavorBlockBase):
         training=None,
     ):
         self._check_encoder_sequence(encoder_sequence)
-        decoder_mask = merge_masks(
-            get_keras_mask(decoder_sequence),
-            decoder_padding_mask,
-            "decoder_padding_mask",
-            decoder_sequence.shape[0],
-            decoder_sequence.shape[1],
+        decoder_mask = merged_padding_mask(
+            decoder_sequence, decoder_padding_mask, "decoder_padding_mask"
         )
         encoder_mask = None
         if encoder_sequence is not None:
-            encoder_mask = merge_masks(
-                get_keras_mask(encoder_sequence),
-                encoder_padding_mask,
-                "encoder_padding_mask",
-                encoder_sequence.shape[0],
-                encoder_sequence.shape[1],
+            encoder_mask = merged_padding_mask(
+                encoder_sequence, encoder_padding_mask, "encoder_padding_mask"
             )
 
         def attend(x):
@@ -294,12 +285,8 @@ class FavorTransformerDecoder(FavorBlockBase):
             query_mask = None
             if decoder_padding_mask is not None:
                 query_mask = ops.expand_dims(ops.cast(decoder_padding_mask, "bool"), 1)
-            encoder_mask = merge_masks(
-                get_keras_mask(encoder_sequence),
-                encoder_padding_mask,
-                "encoder_padding_mask",
-                encoder_sequence.shape[0],
-                encoder_sequence.shape[1],
+            encoder_mask = merged_padding_mask(
+                encoder_sequence, encoder_padding_mask, "encoder_padding_mask"
             )
             x = self._cross_attend(
                 ops.expand_dims(x, 1), encoder_sequence, query_mask, encoder_mask, training

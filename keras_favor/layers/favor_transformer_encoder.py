@@ -2,11 +2,8 @@
 
 import keras
 
-from keras_favor.layers._favor_block import (
-    FavorBlockBase,
-    get_keras_mask,
-    merge_masks,
-)
+from keras_favor.layers._favor_block import FavorBlockBase
+from keras_favor.layers._masks import merged_padding_mask
 
 
 @keras.saving.register_keras_serializable(package="keras_favor")
@@ -81,9 +78,7 @@ class FavorTransformerEncoder(FavorBlockBase):
         self.built = True
 
     def call(self, inputs, padding_mask=None, training=None):
-        mask = merge_masks(
-            get_keras_mask(inputs), padding_mask, "padding_mask", inputs.shape[0], inputs.shape[1]
-        )
+        mask = merged_padding_mask(inputs, padding_mask, "padding_mask")
 
         def attend(x):
             return self._self_attention_layer(
