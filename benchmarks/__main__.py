@@ -1,6 +1,6 @@
 """`python -m benchmarks NAME [ARGS]`: runs benchmarks/NAME.py's main with ARGS.
 
-Names: approximation, gpu_speed, layer_speed, ops_speed, pretrained_compat, scaling,
+Names: approximation, causal_bound, gpu_speed, layer_speed, ops_speed, pretrained_compat, scaling,
 tflite_inference.
 Each writes JSON (and PNG plots where it has them) under benchmarks/results/.
 """
