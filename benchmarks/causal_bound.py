@@ -29,7 +29,7 @@ import sys
 # `python benchmarks/causal_bound.py` as well as `python -m benchmarks.causal_bound`.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import run_info, time_interleaved, write_json  # noqa: E402
+from benchmarks.common import run_info, write_json  # noqa: E402
 
 GOAL = 1.5
 
@@ -75,7 +75,7 @@ def main(argv=None):
     import keras
     import numpy as np
 
-    from benchmarks.ops_speed import compile_runner, make_runner
+    from benchmarks.ops_speed import compile_and_time, make_runner
     from keras_favor.ops import favor_attention, random_features_matrix
 
     backend = keras.backend.backend()
@@ -116,26 +116,18 @@ def main(argv=None):
                 base = functools.partial(make_runner, backend, mode, fn(True, c), qkv)
                 factories[f"causal_C{c}"] = base
                 factories[f"causal_C{c}_no_prefix"] = without_prefix_sums(base)
-            runners, failed = {}, {}
-            for name, factory in factories.items():
-                runner, failure = compile_runner(factory)
-                if failure:
-                    failed[name] = failure
-                else:
-                    runners[name] = runner
-            timings = time_interleaved(runners, warmup=1, repeats=args.repeats)
-            base_s = timings.get("non_causal", {}).get("min_s")
+            statuses = compile_and_time(factories, warmup=1, repeats=args.repeats)
+            base_s = statuses["non_causal"].get("time_s")
             for name in factories:
-                r = failed.get(name) or timings[name]
+                r = statuses[name]
                 row = {"length": length, "mode": mode, "case": name, **r}
-                if "min_s" in r and base_s:
-                    row["over_non_causal"] = r["min_s"] / base_s
+                if r["status"] == "ok" and base_s:
+                    row["over_non_causal"] = r["time_s"] / base_s
                 rows.append(row)
                 ratio = row.get("over_non_causal")
-                ms = f"{r['min_s'] * 1e3:8.1f}" if "min_s" in r else f"{'failed':>8s}"
+                ms = f"{r['time_s'] * 1e3:8.1f}" if r["status"] == "ok" else f"{r['status']:>8s}"
                 ratio = f"{ratio:11.2f}" if ratio else f"{'-':>11s}"
                 print(f"{length:6d} {mode:>5s} {name:>18s} {ms} {ratio}", flush=True)
-            del runners, timings
             gc.collect()
 
     summary = {}

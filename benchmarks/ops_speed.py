@@ -217,6 +217,27 @@ def compile_runner(factory):
         return None, {"status": status, "error": f"{type(error).__name__}: {str(error)[:300]}"}
 
 
+def compile_and_time(factories, *, warmup, repeats):
+    """Compiles every factory's runner, then times those that compiled in interleaved rounds.
+
+    Returns {key: status}: {"status": "ok", "time_s" (the min), and time_interleaved's fields},
+    or {"status": "OOM" | "error", "error": ...} for a case that failed to compile or to run.
+    """
+    runners, statuses = {}, {}
+    for key, factory in factories.items():
+        runner, failure = compile_runner(factory)
+        if failure:
+            statuses[key] = failure
+        else:
+            runners[key] = runner
+    for key, r in time_interleaved(runners, warmup=warmup, repeats=repeats).items():
+        if "error" in r:
+            statuses[key] = {"status": "OOM" if is_oom(r["error"]) else "error", **r}
+        else:
+            statuses[key] = {"status": "ok", "time_s": r["min_s"], **r}
+    return statuses
+
+
 # ---------------------------------------------------------------------------------------------
 # One backend
 
@@ -291,19 +312,7 @@ def run_backend(args):
                 factories[mode, "exact"] = functools.partial(
                     make_runner, backend, mode, exact_fn, qkv
                 )
-        runners = {}
-        for key, factory in factories.items():
-            runner, failure = compile_runner(factory)
-            if failure:
-                statuses[key] = failure
-            else:
-                runners[key] = runner
-        timings = time_interleaved(runners, warmup=args.warmup, repeats=args.repeats)
-        for key, r in timings.items():
-            if "error" in r:
-                statuses[key] = {"status": "OOM" if is_oom(r["error"]) else "error", **r}
-            else:
-                statuses[key] = {"status": "ok", "time_s": r["min_s"], **r}
+        statuses.update(compile_and_time(factories, warmup=args.warmup, repeats=args.repeats))
 
         rates = {}
         for mode in modes:
@@ -335,7 +344,6 @@ def run_backend(args):
             add_ratios(row, matmul_rate)
             results["cases"].append(row)
             print_row(row, flush=True)
-        del runners, timings
         gc.collect()
     results["summary"] = summarise(results, modes)
     return results
