@@ -5,8 +5,9 @@ M random features, F output features of the feature map, C chunk, K number of ch
 
 All three compute D⁻¹ φ(Q) (φ(K)ᵀ V) in float32 without forming a T×S matrix; outputs come back in
 the dtype of `query`. Internally the head-major layout (B, N, L, ·) turns every contraction into a
-plain batched matmul. The normaliser rides along as an extra all-ones value column, so numerator
-and normaliser come out of the same matmuls.
+plain batched matmul; causal attention uses the chunks-first layout (K, B, N, C, ·) from the inputs
+on, so that its prefix sums over chunks are 2-D matmuls. The normaliser rides along as an extra
+all-ones value column, so numerator and normaliser come out of the same matmuls.
 """
 
 from keras import ops
@@ -92,6 +93,26 @@ def _with_ones_column(value):
     return ops.concatenate([value, ones], axis=-1)
 
 
+def _features(feature_map, q, k, v, projection_matrix, causal, key_mask):
+    """Query features, key features and value rows (with the normaliser column) for the cores.
+
+    q, k (·, N, L, H), v (·, N, L, D), key_mask (·, 1, L, 1) or None. Returns q_feat, k_feat
+    (·, N, L, F), v1 (·, N, L, D+1) and whether every key feature is finite.
+    """
+    q_feat, k_feat, k_scale = feature_map._call_factored(
+        q, k, projection_matrix, causal=causal, key_mask=key_mask
+    )
+    if k_scale is None:
+        if key_mask is not None:
+            # Padded keys leave numerator and normaliser (`where`: an inf feature times 0 is NaN).
+            k_feat = ops.where(key_mask > 0, k_feat, 0.0)
+        return q_feat, k_feat, _with_ones_column(v), False
+    # Key features are k_feat·k_scale: the per-key scale (0 for padded keys) goes into the value
+    # rows and the ones column, (·, N, L, D+1), not into the (·, N, L, F) features. Factored
+    # exponential features are ≤ 1 times a scale ≤ e^40 (the causal bound): never inf.
+    return q_feat, k_feat, ops.concatenate([v * k_scale, k_scale], axis=-1), True
+
+
 # The backward pass of num/den divides by den twice; a normaliser below this (all of a query's
 # visible keys tiny, e.g. very large key norms early in a causal sequence) would overflow it to inf.
 _GRAD_DEN_FLOOR = 1e-30
@@ -157,14 +178,16 @@ def _non_causal(q_feat, k_feat, v1):
 
 
 def _chunked_core(qc, kc, vc, finite_features):
-    """Exact causal linear attention on chunks: qc, kc (B, N, K, C, F), vc (B, N, K, C, D+1).
+    """Exact causal linear attention on chunks: qc, kc (K, B, N, C, F), vc (K, B, N, C, D+1).
 
     Inter-chunk term φ(Q_c)·S_c with S_c = Σ_{j<c} V1_jᵀφ(K_j), plus the intra-chunk term
-    (φ(Q_c)φ(K_c)ᵀ ⊙ tril)·V1_c. Returns (B, N, K, C, D+1).
+    (φ(Q_c)φ(K_c)ᵀ ⊙ tril)·V1_c. Returns (K, B, N, C, D+1). With the chunk axis first, the prefix
+    sums over chunks are plain 2-D matmuls over a (K, ·) view; under XLA this layout is 3-7 %
+    faster at L = 8192-65536 and about 30 % at 262144 than (B, N, K, C, ·), with a smaller arena.
     """
-    num_chunks, chunk_size = qc.shape[2], qc.shape[3]
+    num_chunks, chunk_size = qc.shape[0], qc.shape[3]
     if num_chunks is None:
-        num_chunks = ops.shape(qc)[2]
+        num_chunks = ops.shape(qc)[0]
     causal_mask = ops.tril(ops.ones((chunk_size, chunk_size), dtype="bool"))
 
     def prefix(x, reverse):
@@ -174,30 +197,27 @@ def _chunked_core(qc, kc, vc, finite_features):
         if finite_features:
             return _exclusive_prefix_sum(x, num_chunks, reverse=reverse)
         if reverse:
-            return ops.flip(prefix(ops.flip(x, axis=2), False), axis=2)
-        x = ops.concatenate([ops.zeros_like(x[:, :, :1]), x[:, :, :-1]], axis=2)
-        return ops.cumsum(x, axis=2)
+            return ops.flip(prefix(ops.flip(x, axis=0), False), axis=0)
+        x = ops.concatenate([ops.zeros_like(x[:1]), x[:-1]], axis=0)
+        return ops.cumsum(x, axis=0)
 
     @ops.custom_gradient
     def core(qc, kc, vc):
-        kv = ops.einsum("bnkcd,bnkcf->bnkdf", vc, kc)  # (B, N, K, D+1, F): V1_cᵀφ(K_c)
-        state = prefix(kv, False)  # (B, N, K, D+1, F): S_c, the state chunk c starts from
-        scores = ops.einsum("bnkcf,bnkef->bnkce", qc, kc)  # (B, N, K, C, C), within a chunk
-        # `where`, not a product: a later key's inf feature times 0 would be NaN in earlier rows.
+        kv = ops.einsum("kbncd,kbncf->kbndf", vc, kc)  # (K, B, N, D+1, F): V1_cᵀφ(K_c)
+        state = prefix(kv, False)  # S_c, the state chunk c starts from
+        scores = ops.einsum("kbncf,kbnef->kbnce", qc, kc)  # (K, B, N, C, C), within a chunk
         weights = ops.where(causal_mask, scores, 0.0)
-        out = ops.einsum("bnkcf,bnkdf->bnkcd", qc, state) + ops.matmul(weights, vc)
+        out = ops.einsum("kbncf,kbndf->kbncd", qc, state) + ops.matmul(weights, vc)
 
         def grad(*args, upstream=None):
-            d_out = _upstream(args, upstream)  # (B, N, K, C, D+1)
-            d_weights = ops.where(
-                causal_mask, ops.einsum("bnkcd,bnked->bnkce", d_out, vc), 0.0
-            )  # (B, N, K, C, C)
-            d_state = ops.einsum("bnkcd,bnkcf->bnkdf", d_out, qc)  # (B, N, K, D+1, F)
+            d_out = _upstream(args, upstream)  # (K, B, N, C, D+1)
+            d_weights = ops.where(causal_mask, ops.einsum("kbncd,kbned->kbnce", d_out, vc), 0.0)
+            d_state = ops.einsum("kbncd,kbncf->kbndf", d_out, qc)
             d_kv = prefix(d_state, True)  # Σ over later chunks
             d_q = ops.matmul(d_out, state) + ops.matmul(d_weights, kc)
-            d_k = ops.einsum("bnkce,bnkcf->bnkef", d_weights, qc) + ops.matmul(vc, d_kv)
-            d_v = ops.einsum("bnkce,bnkcd->bnked", weights, d_out) + ops.einsum(
-                "bnkcf,bnkdf->bnkcd", kc, d_kv
+            d_k = ops.einsum("kbnce,kbncf->kbnef", d_weights, qc) + ops.matmul(vc, d_kv)
+            d_v = ops.einsum("kbnce,kbncd->kbned", weights, d_out) + ops.einsum(
+                "kbncf,kbndf->kbncd", kc, d_kv
             )
             return d_q, d_k, d_v
 
@@ -206,29 +226,57 @@ def _chunked_core(qc, kc, vc, finite_features):
     return core(qc, kc, vc)
 
 
-def _causal_chunked(q_feat, k_feat, v1, chunk_size, finite_features):
-    length = q_feat.shape[2]
-    if length is not None:
+def _exclusive_prefix_sum(x, num_chunks, reverse=False, block=_PREFIX_BLOCK):
+    """Σ_{j<k} x[j] (reverse: Σ_{j>k}) for every k, over axis 0 of x (K, ...).
+
+    A cumsum op is slow on CPU (several times a matmul of the same size, under XLA too) and a
+    scan would loop over K, so sums come from strictly triangular matmuls: one K×K product when
+    K is small and static; otherwise blocks of `block` chunks (a block×block product within
+    blocks and a (K/block)² one across block totals), which keeps the cost linear in K.
+    """
+    shape = ops.shape(x)
+    flat = ops.reshape(x, (num_chunks, -1))  # (K, E)
+    if isinstance(num_chunks, int) and num_chunks <= 2 * block:
+        out = ops.matmul(_strictly_triangular(num_chunks, reverse), flat)
+    else:
+        pad = (-num_chunks) % block  # zero chunks at the end add nothing either way
+        num_blocks = (num_chunks + pad) // block
+        flat = ops.pad(flat, [[0, pad], [0, 0]])
+        blocks = ops.reshape(flat, (num_blocks, block, -1))  # (K', G, E)
+        within = ops.matmul(_strictly_triangular(block, reverse), blocks)
+        across = ops.matmul(_strictly_triangular(num_blocks, reverse), ops.sum(blocks, axis=1))
+        out = ops.reshape(within + ops.expand_dims(across, 1), (num_blocks * block, -1))
+        out = out[:num_chunks]
+    return ops.reshape(out, shape)
+
+
+def _chunk_geometry(length, chunk_size):
+    # (chunk_size, num_chunks, pad); length and the results may be traced (unknown length).
+    if isinstance(length, int):
         chunk_size = max(1, min(chunk_size, length))  # short inputs: one chunk, no padding
         num_chunks = -(-length // chunk_size)
-        pad = num_chunks * chunk_size - length
     else:
-        length = ops.shape(q_feat)[2]
         num_chunks = (length + chunk_size - 1) // chunk_size
-        pad = num_chunks * chunk_size - length
-    batch, heads = ops.shape(q_feat)[0], ops.shape(q_feat)[1]
-    feat_dim, val_dim = q_feat.shape[-1], v1.shape[-1]
+    return chunk_size, num_chunks, num_chunks * chunk_size - length
 
-    def chunks(x, width):
-        # Zero padding at the end: padded keys add nothing, padded queries are sliced off.
-        if not (isinstance(pad, int) and pad == 0):
-            x = ops.pad(x, [[0, 0], [0, 0], [0, pad], [0, 0]])
-        return ops.reshape(x, (batch, heads, num_chunks, chunk_size, width))  # (B, N, K, C, ·)
 
-    qc, kc, vc = chunks(q_feat, feat_dim), chunks(k_feat, feat_dim), chunks(v1, val_dim)
-    out = _chunked_core(qc, kc, vc, finite_features)  # (B, N, K, C, D+1)
-    out = ops.reshape(out, (batch, heads, num_chunks * chunk_size, val_dim))
-    return out if isinstance(pad, int) and pad == 0 else out[:, :, :length]
+def _to_chunks_first(x, chunk_size, num_chunks, pad):
+    """(B, L, N, W) -> (K·B, N, C, W): chunk k of batch row b at row k·B + b, heads before C."""
+    x = ops.cast(x, "float32")
+    if not (isinstance(pad, int) and pad == 0):
+        x = ops.pad(x, [[0, 0], [0, pad], [0, 0], [0, 0]])  # after every real position
+    batch, heads, width = ops.shape(x)[0], x.shape[2], x.shape[3]
+    x = ops.reshape(x, (batch, num_chunks, chunk_size, heads, width))
+    x = ops.transpose(x, (1, 0, 3, 2, 4))  # (K, B, N, C, W)
+    return ops.reshape(x, (num_chunks * batch, heads, chunk_size, width))
+
+
+def _from_chunks_first(x, batch, num_chunks, length, pad):
+    """(K, B, N, C, W) -> (B, L, N, W)."""
+    chunk_size, heads, width = x.shape[3], x.shape[2], x.shape[4]
+    x = ops.transpose(x, (1, 0, 3, 2, 4))  # (B, K, C, N, W)
+    x = ops.reshape(x, (batch, num_chunks * chunk_size, heads, width))
+    return x if isinstance(pad, int) and pad == 0 else x[:, :length]
 
 
 def _strictly_triangular(size, upper):
@@ -236,32 +284,6 @@ def _strictly_triangular(size, upper):
     idx = ops.arange(size)
     rows, cols = ops.expand_dims(idx, 1), ops.expand_dims(idx, 0)
     return ops.cast(ops.less(rows, cols) if upper else ops.greater(rows, cols), "float32")
-
-
-def _exclusive_prefix_sum(x, num_chunks, reverse=False, block=_PREFIX_BLOCK):
-    """Σ_{j<k} x[:, :, j] (reverse: Σ_{j>k}) for every k, over axis 2 of x (B, N, K, ·, ·).
-
-    A cumsum op is slow on CPU (several times a matmul of the same size, under XLA too) and a
-    scan would loop over K, so sums come from strictly triangular matmuls: one K×K product when
-    K is small and static; otherwise blocks of `block` chunks (a block×block product within
-    blocks and a (K/block)² one across block totals), which keeps the cost linear in K.
-    """
-    batch, heads = ops.shape(x)[0], ops.shape(x)[1]
-    rows, cols = x.shape[3], x.shape[4]
-    flat = ops.reshape(x, (batch, heads, num_chunks, rows * cols))  # (B, N, K, E)
-    if isinstance(num_chunks, int) and num_chunks <= 2 * block:
-        out = ops.matmul(_strictly_triangular(num_chunks, reverse), flat)
-    else:
-        pad = (-num_chunks) % block  # zero chunks at the end add nothing either way
-        num_blocks = (num_chunks + pad) // block
-        flat = ops.pad(flat, [[0, 0], [0, 0], [0, pad], [0, 0]])
-        flat = ops.reshape(flat, (batch, heads, num_blocks, block, rows * cols))  # (B, N, K', G, E)
-        within = ops.matmul(_strictly_triangular(block, reverse), flat)
-        totals = ops.sum(flat, axis=3)  # (B, N, K', E)
-        across = ops.matmul(_strictly_triangular(num_blocks, reverse), totals)  # (B, N, K', E)
-        out = within + ops.expand_dims(across, 3)
-        out = ops.reshape(out, (batch, heads, num_blocks * block, rows * cols))[:, :, :num_chunks]
-    return ops.reshape(out, (batch, heads, num_chunks, rows, cols))
 
 
 def _validate_qkv(query, key, value):
@@ -352,28 +374,35 @@ def favor_attention(
     mask = None
     if key_padding_mask is not None:
         check_padding_mask(key_padding_mask, "key_padding_mask", qs[0], ks[1])
-        # expand_dims, not [:, None, :, None]: a strided slice adding axes has no TFLite builtin.
-        mask = ops.expand_dims(ops.cast(key_padding_mask, "float32"), (1, 3))  # (B, 1, S, 1)
+        mask = ops.cast(key_padding_mask, "float32")  # (B, S)
 
-    q, k, v = _to_heads_first(query), _to_heads_first(key), _to_heads_first(value)
-    q_feat, k_feat, k_scale = feature_map._call_factored(
-        q, k, projection_matrix, causal=causal, key_mask=mask
+    if not causal:
+        # expand_dims, not [:, None, :, None]: a strided slice adding axes has no TFLite builtin.
+        key_mask = None if mask is None else ops.expand_dims(mask, (1, 3))  # (B, 1, S, 1)
+        q, k, v = _to_heads_first(query), _to_heads_first(key), _to_heads_first(value)
+        q_feat, k_feat, v1, _ = _features(feature_map, q, k, v, projection_matrix, False, key_mask)
+        out = _non_causal(q_feat, k_feat, v1)  # (B, N, T, D+1)
+        out = ops.transpose(_normalise(out), (0, 2, 1, 3))  # (B, T, N, D)
+        return ops.cast(out, query.dtype)
+
+    length = qs[1] if qs[1] is not None else ops.shape(query)[1]
+    chunk_size, num_chunks, pad = _chunk_geometry(length, chunk_size)
+    batch = ops.shape(query)[0]
+
+    def chunks(x):  # (B, L, N, ·) -> (K·B, N, C, ·); positions past the end are zeros
+        return _to_chunks_first(x, chunk_size, num_chunks, pad)
+
+    # Features are per position in causal mode, so they are computed on chunks as rows.
+    key_mask = None if mask is None else chunks(ops.expand_dims(mask, (2, 3)))  # (K·B, 1, C, 1)
+    q_feat, k_feat, v1, finite = _features(
+        feature_map, chunks(query), chunks(key), chunks(value), projection_matrix, True, key_mask
     )
-    if k_scale is None:
-        if mask is not None:
-            # Padded keys leave numerator and normaliser (`where`: an inf feature times 0 is NaN).
-            k_feat = ops.where(mask > 0, k_feat, 0.0)
-        v1 = _with_ones_column(v)  # (B, N, S, D+1)
-    else:
-        # Key features are k_feat·k_scale: the per-key scale (0 for padded keys) goes into the
-        # value rows and the ones column, (B, N, S, D+1), not into the (B, N, S, F) features.
-        v1 = ops.concatenate([v * k_scale, k_scale], axis=-1)
-    if causal:
-        # Factored exponential features are ≤ 1 times a scale ≤ e^40 (the causal bound): never inf.
-        out = _causal_chunked(q_feat, k_feat, v1, chunk_size, finite_features=k_scale is not None)
-    else:
-        out = _non_causal(q_feat, k_feat, v1)
-    out = ops.transpose(_normalise(out), (0, 2, 1, 3))  # (B, T, N, D)
+
+    def split(x):  # (K·B, N, C, ·) -> (K, B, N, C, ·)
+        return ops.reshape(x, (num_chunks, batch, x.shape[1], chunk_size, x.shape[-1]))
+
+    out = _chunked_core(split(q_feat), split(k_feat), split(v1), finite)  # (K, B, N, C, D+1)
+    out = _from_chunks_first(_normalise(out), batch, num_chunks, length, pad)  # (B, T, N, D)
     return ops.cast(out, query.dtype)
 
 
