@@ -190,6 +190,23 @@ def test_causal_output_ignores_every_later_token(case, change):
         np.testing.assert_allclose(out[:, : t + 1], base[:, : t + 1], atol=1e-6, err_msg=f"t={t}")
 
 
+@pytest.mark.parametrize("chunk_size", [4, 1])
+def test_causal_overflowing_key_features_reach_only_later_chunks(chunk_size):
+    # softmax_trig has no causal shift, so a key of norm 1e4 overflows its features to inf. The
+    # prefix sums over chunks are triangular matmuls, where that inf times 0 would turn the earlier
+    # chunks' states into NaN: positions before the key must keep their outputs, and every position
+    # in a later chunk, whose state holds the inf, comes out NaN rather than a finite number.
+    q, k, v = inputs(12)
+    w = projection_for("softmax_trig")
+    base = favor("softmax_trig", q, k, v, w, causal=True, chunk_size=chunk_size)
+    k_huge = k.copy()
+    k_huge[:, 5] = 1e4  # in chunk 1 (positions 4..7) at chunk 4
+    out = favor("softmax_trig", q, k_huge, v, w, causal=True, chunk_size=chunk_size)
+    np.testing.assert_allclose(out[:, :5], base[:, :5], atol=1e-6)
+    first_later = (5 // chunk_size + 1) * chunk_size
+    assert np.isnan(out[:, first_later:]).all()
+
+
 # ---------------------------------------------------------------------------------------------
 # Key padding
 
