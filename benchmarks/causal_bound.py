@@ -153,14 +153,7 @@ def main(argv=None):
                 )
     name = "causal_bound" if backend == "tensorflow" else f"causal_bound_{backend}"
     out = {"benchmark": "causal_bound", "info": info, "rows": rows, "summary": summary}
-    if args.output:
-        import json
-
-        with open(args.output, "w") as f:
-            json.dump(out, f, indent=2)
-        print("wrote", args.output)
-    else:
-        print("wrote", write_json(name, out))
+    print("wrote", write_json(name, out, path=args.output))
     return 0
 
 

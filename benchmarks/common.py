@@ -157,13 +157,18 @@ def time_interleaved(fns, *, warmup=1, repeats=5):
     return results
 
 
-def write_json(name, data):
-    """Write `data` to benchmarks/results/<name>.json and return the path."""
-    os.makedirs(RESULTS_DIR, exist_ok=True)
-    path = os.path.join(RESULTS_DIR, f"{name}.json")
-    with open(path, "w") as f:
+def write_json(name, data, path=None):
+    """Write `data` to `path` (default benchmarks/results/<name>.json) and return the path.
+
+    The file is replaced in one step, so a run that writes as it goes never leaves half a file.
+    """
+    path = path or os.path.join(RESULTS_DIR, f"{name}.json")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
         json.dump(data, f, indent=2, sort_keys=False)
         f.write("\n")
+    os.replace(tmp, path)
     return path
 
 

@@ -53,7 +53,7 @@ os.environ.setdefault("KERAS_BACKEND", "jax")
 # JAX preallocates 75 % of the GPU memory by default; give the allocator more room for long L.
 os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.90")
 
-from benchmarks.common import RESULTS_DIR, memory_gib, run_info  # noqa: E402
+from benchmarks.common import RESULTS_DIR, memory_gib, run_info, write_json  # noqa: E402
 
 EMBED_DIM = 512
 NUM_HEADS = 8
@@ -361,15 +361,6 @@ def _machine(on_gpu_flash):
     }
 
 
-def _write_json(path, data):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
 def _exact_fits(length, memory_limit):
     return 4 * NUM_HEADS * length**2 * 4 < EXACT_MEMORY_FRACTION * memory_limit
 
@@ -437,7 +428,7 @@ def run(opts):
         "cases": [],
     }
     path = os.path.join(opts.out, JSON_NAME)
-    _write_json(path, result)
+    write_json("gpu_speed", result, path=path)
     print(f"device: {result['machine']['device_kind']} ({platform_name}); writing {path}")
 
     last = {}  # (series, causal) -> last case
@@ -493,10 +484,10 @@ def run(opts):
         last[key] = case
         if case["status"] == "oom":
             stopped.add(key)
-        _write_json(path, result)
+        write_json("gpu_speed", result, path=path)
         _print_case(case)
     result["elapsed_s"] = time.perf_counter() - _START
-    _write_json(path, result)
+    write_json("gpu_speed", result, path=path)
     return result, path
 
 

@@ -549,16 +549,11 @@ def main(argv=None):
     print_summary(all_results)
 
     data = {"benchmark": "ops_speed", "backends": all_results}
-    if args.output:
-        with open(args.output, "w") as f:
-            json.dump(data, f, indent=2)
-        path = args.output
-    else:
-        # A run without TensorFlow keeps its own file instead of replacing the TensorFlow figures.
-        name = "ops_speed"
-        if "tensorflow" not in args.backends:
-            name += "_" + "_".join(args.backends)
-        path = write_json(name, data)
+    # A run without TensorFlow keeps its own file instead of replacing the TensorFlow figures.
+    name = "ops_speed"
+    if "tensorflow" not in args.backends:
+        name += "_" + "_".join(args.backends)
+    path = write_json(name, data, path=args.output)
     print(f"\nwrote {os.path.relpath(path)}")
     return data
 
