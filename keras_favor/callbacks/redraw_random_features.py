@@ -213,14 +213,7 @@ class RedrawRandomFeatures(keras.callbacks.Callback):
         pending = self._epoch_redraw_pending
         self._first_epoch_of_fit = False
         self._epoch_redraw_pending = False
-        plan = []
-        for layer in self._layers_to_redraw:
-            if not _is_built(layer):
-                continue
-            count = _redraw_count(layer)
-            if pending or count < due:
-                plan.append((layer, max(count + 1, due)))
-        self._redraw(plan, f"after {_plural(epoch, 'epoch')}")
+        self._redraw(self._plan(pending, due), f"after {_plural(epoch, 'epoch')}")
 
     def on_epoch_end(self, epoch, logs=None):
         if self.every_n_epochs is not None and (epoch + 1) % self.every_n_epochs == 0:
@@ -235,16 +228,23 @@ class RedrawRandomFeatures(keras.callbacks.Callback):
         self._last_due = due
         if not (crossed or starting):
             return
+        # Reached a multiple: redraw. At the start of training: catch up with the schedule.
+        self._redraw(self._plan(crossed, due), f"after {_plural(iterations, 'step')}")
+
+    def _plan(self, force, due):
+        """(layer, new redraw count) for each built layer that must redraw now.
+
+        A layer redraws when `force` is set or its count is behind `due`, the count the schedule
+        has reached; the new count follows the schedule and only ever grows.
+        """
         plan = []
         for layer in self._layers_to_redraw:
             if not _is_built(layer):
                 continue
             count = _redraw_count(layer)
-            # Reached a multiple: redraw. At the start of training: catch up with the schedule.
-            # The count follows the schedule (⌊iterations / n⌋) and only ever grows.
-            if crossed or count < due:
+            if force or count < due:
                 plan.append((layer, max(count + 1, due)))
-        self._redraw(plan, f"after {_plural(iterations, 'step')}")
+        return plan
 
     # How.
 
