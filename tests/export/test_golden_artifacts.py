@@ -27,6 +27,7 @@ from keras_favor import export
 from keras_favor.layers import decode_step
 from tests.export import golden_artifacts as golden
 from tests.export.conftest import stream
+from tests.testing import assert_close_to_scale
 
 KERAS_ATOL = 1e-6
 ATOL = 1e-5
@@ -48,14 +49,6 @@ def _state_arrays(expected, prefix):
     return {f"state_{i}": expected[f"{prefix}{i}"] for i in range(count)}
 
 
-def _assert_close(got, want, tolerance):
-    """|got - want| ≤ tolerance · max(1, max|want|): absolute for unit-scale arrays, relative to the
-    largest entry for arrays with large entries (decode states grow with the sequence)."""
-    want = np.asarray(want)
-    scale = max(1.0, float(np.abs(want).max())) if want.size else 1.0
-    np.testing.assert_allclose(got, want, atol=tolerance * scale, rtol=0)
-
-
 def _check_outputs(run, name, atol):
     """Checks `run(signature, inputs) -> dict` on the stored inputs against the stored outputs."""
     expected = _expected(name)
@@ -63,12 +56,12 @@ def _check_outputs(run, name, atol):
         inputs = {key: expected[key] for key in ("tokens", "padding_mask")}
         got = run("serving_default", inputs)
         assert sorted(got) == ["outputs"]
-        _assert_close(got["outputs"], expected["outputs"], atol)
+        assert_close_to_scale(got["outputs"], expected["outputs"], atol)
         return
     ids = expected["token_ids"]
     got = run("serving_default", {"token_ids": ids})
     assert sorted(got) == ["logits"]
-    _assert_close(got["logits"], expected["logits"], atol)
+    assert_close_to_scale(got["logits"], expected["logits"], atol)
     # One decode step from the stored (filled) state.
     state_in = _state_arrays(expected, "decode_in_state_")
     inputs = dict(
@@ -78,12 +71,12 @@ def _check_outputs(run, name, atol):
     )
     got = run("decode_step", inputs)
     assert sorted(got) == sorted(["logits", *state_in])
-    _assert_close(got.pop("logits"), expected["decode_logits"], atol)
+    assert_close_to_scale(got.pop("logits"), expected["decode_logits"], atol)
     for key, value in _state_arrays(expected, "decode_out_state_").items():
-        _assert_close(got[key], value, atol)
+        assert_close_to_scale(got[key], value, atol)
     # Streaming every position from `initial_state` reproduces the full forward.
     streamed = stream(run, ids.shape[0], ids)
-    _assert_close(streamed, expected["logits"], atol)
+    assert_close_to_scale(streamed, expected["logits"], atol)
 
 
 def _saved_model_runner(path):
