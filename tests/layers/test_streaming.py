@@ -139,8 +139,8 @@ def test_per_sequence_positions(position_embedding_type):
     together, _ = decode_all(model, ids, positions=np.array([0, 4], "int32"))
     first, _ = decode_all(model, ids[:1])
     second, _ = decode_all(model, ids[1:], positions=np.array([4], "int32"))
-    assert_close_to_scale(together[:1], first, 1e-6)
-    assert_close_to_scale(together[1:], second, 1e-6)
+    assert_close_to_scale(together[:1], first, 1e-5)
+    assert_close_to_scale(together[1:], second, 1e-5)
     # ... and the offset matters.
     assert np.abs(together[1:] - decode_all(model, ids[1:])[0]).max() > 1e-4
 

@@ -415,7 +415,7 @@ def test_unknown_length_in_tf_function_matches_eager(case, causal):
     for length in (1, 4, 7, 13):  # lengths multiple of the chunk or not
         q, k, v = inputs(length, seed=length)
         eager = favor(case, q, k, v, w, causal=causal, chunk_size=4)
-        assert_close_to_scale(reference.to_numpy(graph_fn(q, k, v)), eager, 1e-6)
+        assert_close_to_scale(reference.to_numpy(graph_fn(q, k, v)), eager, 1e-5)
     assert graph_fn.experimental_get_tracing_count() == 1  # one graph served every length
 
 
