@@ -48,19 +48,19 @@ def _state_arrays(expected, prefix):
     return {f"state_{i}": expected[f"{prefix}{i}"] for i in range(count)}
 
 
-def _check_outputs(run, name, atol):
+def _check_outputs(run, name):
     """Checks `run(signature, inputs) -> dict` on the stored inputs against the stored outputs."""
     expected = _expected(name)
     if name == golden.ATTENTION:
         inputs = {key: expected[key] for key in ("tokens", "padding_mask")}
         got = run("serving_default", inputs)
         assert sorted(got) == ["outputs"]
-        assert_close_to_scale(got["outputs"], expected["outputs"], atol)
+        assert_close_to_scale(got["outputs"], expected["outputs"], ATOL)
         return
     ids = expected["token_ids"]
     got = run("serving_default", {"token_ids": ids})
     assert sorted(got) == ["logits"]
-    assert_close_to_scale(got["logits"], expected["logits"], atol)
+    assert_close_to_scale(got["logits"], expected["logits"], ATOL)
     # One decode step from the stored (filled) state.
     state_in = _state_arrays(expected, "decode_in_state_")
     inputs = dict(
@@ -70,12 +70,12 @@ def _check_outputs(run, name, atol):
     )
     got = run("decode_step", inputs)
     assert sorted(got) == sorted(["logits", *state_in])
-    assert_close_to_scale(got.pop("logits"), expected["decode_logits"], atol)
+    assert_close_to_scale(got.pop("logits"), expected["decode_logits"], ATOL)
     for key, value in _state_arrays(expected, "decode_out_state_").items():
-        assert_close_to_scale(got[key], value, atol)
+        assert_close_to_scale(got[key], value, ATOL)
     # Streaming every position from `initial_state` reproduces the full forward.
     streamed = stream(run, ids.shape[0], ids)
-    assert_close_to_scale(streamed, expected["logits"], atol)
+    assert_close_to_scale(streamed, expected["logits"], ATOL)
 
 
 def _saved_model_runner(path):
@@ -172,18 +172,18 @@ def _keras_runner(model):
 
 @pytest.mark.parametrize("name", golden.NAMES)
 def test_keras_file(keras_models, name):
-    _check_outputs(_keras_runner(keras_models[name]), name, ATOL)
+    _check_outputs(_keras_runner(keras_models[name]), name)
 
 
 @pytest.mark.parametrize("name", golden.NAMES)
 def test_saved_model_tf_load(name):
-    _check_outputs(_saved_model_runner(golden.artifact_paths(name)["saved_model"]), name, ATOL)
+    _check_outputs(_saved_model_runner(golden.artifact_paths(name)["saved_model"]), name)
 
 
 @pytest.mark.parametrize("name", golden.NAMES)
 def test_saved_model_c_api(name):
     with export.SavedModelSession(golden.artifact_paths(name)["saved_model"]) as session:
-        _check_outputs(lambda signature, inputs: session.run(inputs, signature), name, ATOL)
+        _check_outputs(lambda signature, inputs: session.run(inputs, signature), name)
 
 
 @pytest.mark.parametrize("name", golden.NAMES)
@@ -192,7 +192,7 @@ def test_tflite(name):
     runner = export.TFLiteRunner(golden.artifact_paths(name)["tflite"])
     saved_model = golden.artifact_paths(name)["saved_model"]
     assert runner.signature_names == export.saved_model_signature_names(saved_model)
-    _check_outputs(lambda signature, inputs: runner.run(inputs, signature), name, ATOL)
+    _check_outputs(lambda signature, inputs: runner.run(inputs, signature), name)
 
 
 @pytest.mark.parametrize("name", golden.NAMES)
@@ -202,8 +202,8 @@ def test_reexport_with_current_code(keras_models, name, tmp_path):
     path = export.export_saved_model(model, tmp_path / name, golden.VERSION)
     stored = golden.artifact_paths(name)["saved_model"]
     assert _signature_interface(path) == _signature_interface(stored)
-    _check_outputs(_saved_model_runner(path), name, ATOL)
+    _check_outputs(_saved_model_runner(path), name)
     if name == golden.LM:  # the decoder's TFLite conversion is the one with most to break
         pytest.importorskip("ai_edge_litert")
         runner = export.TFLiteRunner(export.export_tflite(path, tmp_path / f"{name}.tflite"))
-        _check_outputs(lambda signature, inputs: runner.run(inputs, signature), name, ATOL)
+        _check_outputs(lambda signature, inputs: runner.run(inputs, signature), name)
