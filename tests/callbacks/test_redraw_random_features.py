@@ -1,7 +1,8 @@
 """Tests of `RedrawRandomFeatures`: bad arguments, the schedule (steps, with steps_per_execution 1
 and 3, and epochs; a redraw happens before the step or epoch that needs it, never after the last
-one), never at evaluate / predict, layer discovery in nested models, seeds, verbose logs, training
-with redraws, and resuming from `.keras` files and checkpoints.
+one), data of unknown length (generators, filtered `tf.data`: the schedule counts real steps),
+never at evaluate / predict, layer discovery in nested models, seeds, verbose logs, training with
+redraws, and resuming from `.keras` files and checkpoints.
 
 The redrawn projections are checked exactly: redraw i of layer j must hold
 `random_features_matrix(M, H, seed=redraw_seed(seed, i, j))`, the layer's documented draw.
@@ -10,6 +11,7 @@ tf.distribute tests are in `test_distributed.py`.
 """
 
 import os
+import warnings
 
 import keras
 import numpy as np
@@ -97,6 +99,7 @@ class Probe(keras.callbacks.Callback):
         super().__init__()
         self.layers = layers
         self.batches, self.epochs, self.ends = [], [], []
+        self.ran = []  # per entry of `batches`: whether the execution ran (it found data)
 
     def snapshot(self):
         return (
@@ -107,6 +110,13 @@ class Probe(keras.callbacks.Callback):
 
     def on_train_batch_begin(self, batch, logs=None):
         self.batches.append(self.snapshot())
+        self.ran.append(False)
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.ran[-1] = True
+
+    def real_batches(self):
+        return [snapshot for snapshot, ran in zip(self.batches, self.ran) if ran]
 
     def on_epoch_begin(self, epoch, logs=None):
         self.epochs.append(self.snapshot())
@@ -184,8 +194,8 @@ def test_every_n_steps_redraws_exactly_on_schedule(every_n_steps, steps_per_exec
     assert checked == list(range(0, steps, steps_per_execution))
     previous_count, previous_projection = 0, initial
     for step, (layer_count,), (layer_projection,) in probe.batches:
-        # Step i trains with redraw ⌊i / n⌋; one redraw covers every multiple of n reached
-        # within one execution.
+        # The execution starting at step i trains with redraw ⌊i / n⌋, so do all its steps when
+        # s divides n; else one redraw covers every multiple of n reached since the last check.
         assert layer_count == step // every_n_steps
         if layer_count == previous_count:
             np.testing.assert_array_equal(layer_projection, previous_projection)
@@ -368,6 +378,106 @@ def test_a_manual_redraw_does_not_stop_the_schedule():
     # A redraw before step 2 (none before step 0: the count is ahead), one past the count.
     assert count(layer) == 2
     np.testing.assert_array_equal(projection(layer), expected_projection(3, 2, 0))
+
+
+# ------------------------------------------------------------------------------------------------
+# Data of unknown length.
+#
+# On TensorFlow, `fit` on data of unknown length (generators, `tf.data` with `filter`) ends every
+# epoch with one more execution that finds no data: `on_train_batch_begin` without
+# `on_train_batch_end`, and with `steps_per_execution=1` `optimizer.iterations` still moves. Such
+# training must match the same steps on data of known length exactly.
+
+
+def filtered(x, y):
+    import tensorflow as tf
+
+    dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(2)
+    return dataset.filter(lambda *_: True)  # the length becomes unknown
+
+
+def generator(x, y):
+    for start in range(0, len(x), 2):
+        yield x[start : start + 2], y[start : start + 2]
+
+
+@pytest.mark.parametrize(
+    "source, every_n_steps, epochs, fits",
+    [
+        ("filter", 4, 1, 1),  # the issue's reproducer: 4 steps, no redraw expected
+        ("filter", 4, 2, 1),
+        ("filter", 3, 1, 2),
+        ("generator", 4, 1, 2),
+        ("steps_per_epoch", 4, 2, 1),  # `steps_per_epoch=6` on 4 batches: runs out
+    ],
+)
+def test_data_of_unknown_length_follows_the_schedule_in_real_steps(
+    source, every_n_steps, epochs, fits
+):
+    x, y = data(8)
+    reference_model, reference_layer = small_model()
+    reference_callback = RedrawRandomFeatures(every_n_steps=every_n_steps, seed=5)
+    for _ in range(fits):
+        reference_model.fit(
+            x,
+            y,
+            batch_size=2,
+            epochs=epochs,
+            shuffle=False,
+            callbacks=[reference_callback],
+            verbose=0,
+        )
+
+    model, layer = small_model()
+    probe = Probe([layer])
+    for _ in range(fits):
+        if source == "generator":
+            inputs, steps_per_epoch = generator(x, y), None
+        else:
+            inputs = filtered(x, y)
+            steps_per_epoch = 6 if source == "steps_per_epoch" else None
+        callback = RedrawRandomFeatures(every_n_steps=every_n_steps, seed=5)  # as when resuming
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "Your input ran out of data")
+            model.fit(
+                inputs,
+                epochs=epochs,
+                steps_per_epoch=steps_per_epoch,
+                shuffle=False,
+                callbacks=[callback, probe],
+                verbose=0,
+            )
+
+    # Every real step i trained with redraw ⌊i / n⌋, and the model keeps what the last one used.
+    steps = 4 * epochs * fits
+    assert [snapshot[0] for snapshot in probe.real_batches()] == list(range(steps))
+    for step, (layer_count,), (layer_projection,) in probe.real_batches():
+        assert layer_count == step // every_n_steps
+        if layer_count:
+            np.testing.assert_array_equal(layer_projection, expected_projection(5, layer_count, 0))
+    assert count(layer) == (steps - 1) // every_n_steps
+    np.testing.assert_array_equal(projection(layer), probe.real_batches()[-1][2][0])
+    # The same state as the same steps on data of known length: iterations, features, weights.
+    assert_same_training_state(model, layer, reference_model, reference_layer)
+
+
+def test_validation_after_data_of_unknown_length_uses_the_trained_features(capsys):
+    x, y = data(8)
+    model, layer = small_model()
+    callback = RedrawRandomFeatures(every_n_steps=4, seed=0, verbose=1)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Your input ran out of data")
+        history = model.fit(
+            filtered(x, y), validation_data=(x, y), shuffle=False, callbacks=[callback], verbose=0
+        )
+    # The validation ran with the features of step 3, which the model keeps.
+    assert count(layer) == 0 and iterations(model) == 4
+    loss = model.evaluate(x, y, verbose=0)  # batched as the validation was
+    np.testing.assert_allclose(history.history["val_loss"][0], loss, rtol=1e-6)
+    assert [line for line in capsys.readouterr().out.splitlines() if "Redraw" in line] == [
+        "RedrawRandomFeatures: after 4 steps: redrew the random features of 1 layer.",
+        "RedrawRandomFeatures: the execution after 4 steps found no data: undid its redraw.",
+    ]
 
 
 # ------------------------------------------------------------------------------------------------
