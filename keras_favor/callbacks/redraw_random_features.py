@@ -61,10 +61,10 @@ class RedrawRandomFeatures(keras.callbacks.Callback):
     (counted from 0 by `model.optimizer.iterations`) trains with redraw ⌊i / n⌋. Keras calls batch
     callbacks once per execution of `steps_per_execution=s` steps, so each execution trains with the
     redraw due at its first step: exact when every multiple of n starts an execution (s divides n
-    and the epochs' lengths). On TensorFlow, data of unknown length (generators, `tf.data` with
-    `filter`) ends every epoch with an execution that finds no data yet may add 1 to
-    `optimizer.iterations`: the callback undoes its redraw and that increment, so steps are real
-    steps (list it before callbacks that save the model at the end of an epoch). With
+    and the epochs' lengths); otherwise a warning says so. On TensorFlow, data of unknown length
+    (generators, `tf.data` with `filter`) ends every epoch with an execution that finds no data yet
+    may add 1 to `optimizer.iterations`: the callback undoes its redraw and that increment, so steps
+    are real steps (list it before callbacks that save the model at the end of an epoch). With
     `every_n_epochs=n`, a redraw falls due at the end of every n-th epoch (epochs numbered as `fit`
     numbers them, from `initial_epoch`, so pass it when resuming) and happens at the start of the
     next epoch, in the same `fit` call or in the next one made with the same callback. Nothing is
@@ -166,6 +166,7 @@ class RedrawRandomFeatures(keras.callbacks.Callback):
         self._layers_to_redraw = []
         self._last_due = None  # step mode: ⌊iterations / n⌋ at the last check
         self._running = None  # step mode: what the execution that started last changed
+        self._warned = False  # step mode: the schedule's inexactness was reported in this fit
         self._epoch_redraw_pending = False  # epoch mode: due at the end of the last epoch
         self._first_epoch_of_fit = True
 
@@ -198,6 +199,9 @@ class RedrawRandomFeatures(keras.callbacks.Callback):
         self._last_due = None  # the first check, before the first step, catches up
         self._running = None
         self._first_epoch_of_fit = True
+        self._warned = False
+        if self.every_n_steps is not None:
+            self._warn_if_executions_straddle_redraws()
 
     def on_train_batch_begin(self, batch, logs=None):
         # Keras always runs `on_train_batch_begin` synchronously, so a redraw is complete before
@@ -239,8 +243,34 @@ class RedrawRandomFeatures(keras.callbacks.Callback):
         self._last_due = due
         if not (crossed or starting):
             return
+        if crossed and iterations % n and not self._warned:
+            self._warned = True
+            warnings.warn(
+                f"RedrawRandomFeatures(every_n_steps={n}): the redraw due before step {due * n} "
+                f"happens before step {iterations}, where the next execution starts: executions "
+                f"of steps_per_execution={self.model.steps_per_execution} steps restart with each "
+                "epoch and each `fit`, so one that ends elsewhere than on a multiple moves them.",
+                stacklevel=2,
+            )
         # Reached a multiple: redraw. At the start of training: catch up with the schedule.
         self._redraw(self._plan(crossed, due), f"after {_plural(iterations, 'step')}")
+
+    def _warn_if_executions_straddle_redraws(self):
+        n, s = self.every_n_steps, self.model.steps_per_execution
+        if n % s == 0:
+            return
+        self._warned = True
+        due = [k * n for k in range(1, 5)]
+        done = [-(-step // s) * s for step in due]  # the first execution start at or after it
+        warnings.warn(
+            f"RedrawRandomFeatures(every_n_steps={n}) cannot redraw on schedule with "
+            f"steps_per_execution={s}: the features change only when an execution starts, so "
+            "each execution trains with the redraw due at its first step. Redraws due before "
+            f"steps {', '.join(map(str, due))}, ... happen before steps "
+            f"{', '.join(map(str, done))}, ...{' (some are skipped)' if n < s else ''}. Make "
+            "`every_n_steps` a multiple of `steps_per_execution` for an exact schedule.",
+            stacklevel=2,
+        )
 
     def _undo_execution_that_found_no_data(self):
         # On TensorFlow, with data of unknown length, `fit` ends each epoch by calling

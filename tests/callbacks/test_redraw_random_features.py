@@ -1,8 +1,9 @@
 """Tests of `RedrawRandomFeatures`: bad arguments, the schedule (steps, with steps_per_execution 1
 and 3, and epochs; a redraw happens before the step or epoch that needs it, never after the last
 one), data of unknown length (generators, filtered `tf.data`: the schedule counts real steps),
-never at evaluate / predict, layer discovery in nested models, seeds, verbose logs, training with
-redraws, and resuming from `.keras` files and checkpoints.
+warnings when executions cannot follow the schedule, never at evaluate / predict, layer discovery
+in nested models, seeds, verbose logs, training with redraws, and resuming from `.keras` files
+and checkpoints.
 
 The redrawn projections are checked exactly: redraw i of layer j must hold
 `random_features_matrix(M, H, seed=redraw_seed(seed, i, j))`, the layer's documented draw.
@@ -125,6 +126,12 @@ class Probe(keras.callbacks.Callback):
         self.ends.append(self.snapshot())
 
 
+def schedule_warnings(caught):
+    return [
+        str(w.message) for w in caught if "RedrawRandomFeatures(every_n_steps" in str(w.message)
+    ]
+
+
 # ------------------------------------------------------------------------------------------------
 # Arguments.
 
@@ -179,7 +186,7 @@ def test_redraw_seed_is_a_pure_function_of_its_arguments():
 
 @pytest.mark.parametrize(
     "every_n_steps, steps_per_execution, steps",
-    [(2, 1, 7), (2, 1, 8), (2, 3, 9), (5, 3, 12), (3, 3, 9)],
+    [(2, 1, 7), (2, 1, 8), (2, 3, 9), (5, 3, 12), (3, 3, 9), (6, 3, 12)],
 )
 def test_every_n_steps_redraws_exactly_on_schedule(every_n_steps, steps_per_execution, steps):
     model, layer = small_model(steps_per_execution=steps_per_execution)
@@ -187,7 +194,13 @@ def test_every_n_steps_redraws_exactly_on_schedule(every_n_steps, steps_per_exec
     probe = Probe([layer])
     x, y = data(2 * steps)
     callback = RedrawRandomFeatures(every_n_steps=every_n_steps, seed=11)
-    model.fit(x, y, batch_size=2, epochs=1, shuffle=False, callbacks=[callback, probe], verbose=0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.fit(
+            x, y, batch_size=2, epochs=1, shuffle=False, callbacks=[callback, probe], verbose=0
+        )
+    # Silent exactly when every multiple of n starts an execution.
+    assert len(schedule_warnings(caught)) == (every_n_steps % steps_per_execution != 0)
 
     # Batch callbacks run once per execution: before steps 0, s, 2s, ... (counted from 0).
     checked = [snapshot[0] for snapshot in probe.batches]
@@ -252,6 +265,7 @@ def test_fit_ending_on_a_multiple_keeps_the_projection_its_last_step_trained_wit
     assert count(layer) == 3
 
 
+@pytest.mark.filterwarnings(r"ignore:RedrawRandomFeatures\(every_n_steps=2\) cannot")
 def test_projection_at_a_step_does_not_depend_on_steps_per_execution():
     seen = []
     for steps_per_execution in (1, 3):
@@ -381,7 +395,7 @@ def test_a_manual_redraw_does_not_stop_the_schedule():
 
 
 # ------------------------------------------------------------------------------------------------
-# Data of unknown length.
+# Data of unknown length, and executions that cannot follow the schedule.
 #
 # On TensorFlow, `fit` on data of unknown length (generators, `tf.data` with `filter`) ends every
 # epoch with one more execution that finds no data: `on_train_batch_begin` without
@@ -478,6 +492,75 @@ def test_validation_after_data_of_unknown_length_uses_the_trained_features(capsy
         "RedrawRandomFeatures: after 4 steps: redrew the random features of 1 layer.",
         "RedrawRandomFeatures: the execution after 4 steps found no data: undid its redraw.",
     ]
+
+
+def test_steps_per_execution_larger_than_every_n_steps_warns_and_keeps_execution_starts():
+    # The issue's reproducer: s=4, n=2, 8 steps. Redraws due before steps 2 and 6 fall inside
+    # executions; each execution trains with the redraw due at its first step (0, then ⌊4/2⌋=2).
+    model, layer = small_model(steps_per_execution=4)
+    probe = Probe([layer])
+    x, y = data(16)
+    callback = RedrawRandomFeatures(every_n_steps=2, seed=1)
+    message = (
+        r"every_n_steps=2\) cannot redraw on schedule with steps_per_execution=4.*"
+        r"due before steps 2, 4, 6, 8, \.\.\. happen before steps 4, 4, 8, 8, \.\.\. "
+        r"\(some are skipped\)"
+    )
+    with pytest.warns(UserWarning, match=message):
+        model.fit(x, y, batch_size=2, shuffle=False, callbacks=[callback, probe], verbose=0)
+    assert [(step, counts[0]) for step, counts, _ in probe.batches] == [(0, 0), (4, 2)]
+    assert count(layer) == 2
+    np.testing.assert_array_equal(projection(layer), expected_projection(1, 2, 0))
+
+
+@pytest.mark.parametrize("source", ["arrays", "filter"])
+def test_steps_per_execution_dividing_every_n_steps_stays_exact_and_silent(source):
+    x, y = data(8)
+    model, layer = small_model(steps_per_execution=2)
+    probe = Probe([layer])
+    callback = RedrawRandomFeatures(every_n_steps=4, seed=2)
+    inputs = (x, y) if source == "arrays" else (filtered(x, y), None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.fit(
+            *inputs,
+            batch_size=2 if source == "arrays" else None,
+            epochs=2,
+            shuffle=False,
+            callbacks=[callback, probe],
+            verbose=0,
+        )
+    assert schedule_warnings(caught) == []
+    # Executions start before steps 0, 2, 4, 6 (and, for filtered data, one more that finds
+    # no data at the end of each epoch): redrawn exactly before step 4, and not after step 7.
+    assert [(step, counts[0]) for step, counts, _ in probe.real_batches()] == [
+        (0, 0),
+        (2, 0),
+        (4, 1),
+        (6, 1),
+    ]
+    assert iterations(model) == 8 and count(layer) == 1
+    np.testing.assert_array_equal(projection(layer), expected_projection(2, 1, 0))
+
+
+def test_epochs_that_move_executions_off_the_schedule_warn_at_the_first_late_redraw():
+    # s=2, n=2, 3 steps per epoch: executions start before steps 0, 2 | 3, 5. The redraw due
+    # before step 4 falls inside the execution of steps 3-4 and happens before step 5.
+    model, layer = small_model(steps_per_execution=2)
+    probe = Probe([layer])
+    x, y = data(6)
+    callback = RedrawRandomFeatures(every_n_steps=2, seed=3)
+    with pytest.warns(UserWarning, match="redraw due before step 4 happens before step 5"):
+        model.fit(
+            x, y, batch_size=2, epochs=2, shuffle=False, callbacks=[callback, probe], verbose=0
+        )
+    assert [(step, counts[0]) for step, counts, _ in probe.batches] == [
+        (0, 0),
+        (2, 1),
+        (3, 1),
+        (5, 2),
+    ]
+    assert count(layer) == 2
 
 
 # ------------------------------------------------------------------------------------------------
