@@ -56,12 +56,15 @@ class RedrawRandomFeatures(keras.callbacks.Callback):
     layers holding layers, functional blocks), or those in `layers`. Layers whose feature map uses
     no random features (e.g. `"elu"`) are skipped.
 
-    When: a redraw happens before the step that needs it, never after the last step of `fit`,
-    so the trained model holds the projection its last step trained with. With
-    `every_n_steps=n`, step i (counted from 0 by `model.optimizer.iterations`) trains with redraw
-    ⌊i / n⌋: the callback redraws at the start of steps n, 2n, ... Keras runs batch callbacks
-    once per execution, so with `steps_per_execution=s > 1` the check happens before steps 0, s,
-    2s, ... and one redraw covers every multiple of `n` reached since the previous check. With
+    When: a redraw happens before the step that needs it, never after the last step of `fit`, so the
+    trained model holds the projection its last step trained with. With `every_n_steps=n`, step i
+    (counted from 0 by `model.optimizer.iterations`) trains with redraw ⌊i / n⌋. Keras calls batch
+    callbacks once per execution of `steps_per_execution=s` steps, so each execution trains with the
+    redraw due at its first step: exact when every multiple of n starts an execution (s divides n
+    and the epochs' lengths); otherwise a warning says so. On TensorFlow, data of unknown length
+    (generators, `tf.data` with `filter`) ends every epoch with an execution that finds no data yet
+    may add 1 to `optimizer.iterations`: the callback undoes its redraw and that increment, so steps
+    are real steps (list it before callbacks that save the model at the end of an epoch). With
     `every_n_epochs=n`, a redraw falls due at the end of every n-th epoch (epochs numbered as `fit`
     numbers them, from `initial_epoch`, so pass it when resuming) and happens at the start of the
     next epoch, in the same `fit` call or in the next one made with the same callback. Nothing is
@@ -69,20 +72,18 @@ class RedrawRandomFeatures(keras.callbacks.Callback):
 
     State and resuming: the schedule lives in the model, not in the callback. Each layer's
     `redraw_count` weight (saved in `.keras` files and checkpoints, like the optimizer's iteration
-    count) holds, in step mode, the number of multiples of `n` reached at the last check (it
-    equals the number of redraws unless `steps_per_execution > n`; ⌊(S - 1) / n⌋ after a `fit`
-    that ended at iteration S with `steps_per_execution=1`), in epoch mode the number of redraws.
-    The projection after redraw i of layer j is drawn with seed `redraw_seed(seed, i, j)`. When
-    `fit` starts, before its first step, a layer whose count lags behind the schedule is redrawn
-    at once to catch up: to ⌊iterations / n⌋ in step mode; in epoch mode to
-    ⌊initial_epoch / n⌋, or by the redraw left pending by the previous `fit` call of this
-    callback. So a model saved after `fit` or by `ModelCheckpoint` holds the projection it last
-    trained with, and a run resumed from it (with the same `seed`, and `initial_epoch` in epoch
-    mode) continues with the same schedule and the same projections as an uninterrupted run. A
-    new callback in epoch mode knows the schedule only from `initial_epoch`: a `fit` call without
-    it starts counting epochs afresh. Layers are numbered j = 0, 1, ... in the order the model
-    tracks them (or the order of `layers`), which is the same in every process running the same
-    model code.
+    count) holds, in step mode, ⌊i / n⌋ for the first step i of the last execution (the number of
+    redraws when s divides n), in epoch mode the number of redraws. The projection after redraw i of
+    layer j is drawn with seed `redraw_seed(seed, i, j)`. When `fit` starts, before its first step,
+    a layer whose count lags behind the schedule is redrawn at once to catch up: to ⌊iterations / n⌋
+    in step mode; in epoch mode to ⌊initial_epoch / n⌋, or by the redraw left pending by the
+    previous `fit` call of this callback. So a model saved after `fit` or by `ModelCheckpoint` holds
+    the projection it last trained with, and a run resumed from it (with the same `seed`, and
+    `initial_epoch` in epoch mode) continues with the same schedule and the same projections as an
+    uninterrupted run. A new callback in epoch mode knows the schedule only from `initial_epoch`: a
+    `fit` call without it starts counting epochs afresh. Layers are numbered j = 0, 1, ... in the
+    order the model tracks them (or the order of `layers`), which is the same in every process
+    running the same model code.
 
     Args:
         every_n_steps: redraw every this many optimizer steps, a positive int. Exactly one of
@@ -164,6 +165,8 @@ class RedrawRandomFeatures(keras.callbacks.Callback):
         self._base_seed = seed
         self._layers_to_redraw = []
         self._last_due = None  # step mode: ⌊iterations / n⌋ at the last check
+        self._running = None  # step mode: what the execution that started last changed
+        self._warned = False  # step mode: the schedule's inexactness was reported in this fit
         self._epoch_redraw_pending = False  # epoch mode: due at the end of the last epoch
         self._first_epoch_of_fit = True
 
@@ -193,17 +196,29 @@ class RedrawRandomFeatures(keras.callbacks.Callback):
                 "redraw; it will do nothing.",
                 stacklevel=2,
             )
-        self._last_due = None
+        self._last_due = None  # the first check, before the first step, catches up
+        self._running = None
         self._first_epoch_of_fit = True
+        self._warned = False
         if self.every_n_steps is not None:
-            self._check_steps()
+            self._warn_if_executions_straddle_redraws()
 
     def on_train_batch_begin(self, batch, logs=None):
         # Keras always runs `on_train_batch_begin` synchronously, so a redraw is complete before
         # the step starts; on JAX, `self.model` syncs the trainer's state into the variables and
         # the trainer reads them back before the step.
-        if self.every_n_steps is not None:
-            self._check_steps()
+        if self.every_n_steps is None:
+            return
+        iterations = int(_read(self.model.optimizer.iterations))
+        self._running = (iterations, self._last_due, [])
+        self._check_steps(iterations)
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._running = None  # the execution ran
+
+    def on_test_begin(self, logs=None):
+        # The validation inside `fit` comes before `on_epoch_end`.
+        self._undo_execution_that_found_no_data()
 
     def on_epoch_begin(self, epoch, logs=None):
         if self.every_n_epochs is None:
@@ -216,20 +231,65 @@ class RedrawRandomFeatures(keras.callbacks.Callback):
         self._redraw(self._plan(pending, due), f"after {_plural(epoch, 'epoch')}")
 
     def on_epoch_end(self, epoch, logs=None):
+        self._undo_execution_that_found_no_data()
         if self.every_n_epochs is not None and (epoch + 1) % self.every_n_epochs == 0:
             self._epoch_redraw_pending = True
 
-    def _check_steps(self):
-        # Accessing `self.model` also syncs the JAX trainer's state into the variables.
-        iterations = int(_read(self.model.optimizer.iterations))
-        due = iterations // self.every_n_steps
+    def _check_steps(self, iterations):
+        n = self.every_n_steps
+        due = iterations // n
         crossed = self._last_due is not None and due > self._last_due
         starting = self._last_due is None
         self._last_due = due
         if not (crossed or starting):
             return
+        if crossed and iterations % n and not self._warned:
+            self._warned = True
+            warnings.warn(
+                f"RedrawRandomFeatures(every_n_steps={n}): the redraw due before step {due * n} "
+                f"happens before step {iterations}, where the next execution starts: executions "
+                f"of steps_per_execution={self.model.steps_per_execution} steps restart with each "
+                "epoch and each `fit`, so one that ends elsewhere than on a multiple moves them.",
+                stacklevel=2,
+            )
         # Reached a multiple: redraw. At the start of training: catch up with the schedule.
         self._redraw(self._plan(crossed, due), f"after {_plural(iterations, 'step')}")
+
+    def _warn_if_executions_straddle_redraws(self):
+        n, s = self.every_n_steps, self.model.steps_per_execution
+        if n % s == 0:
+            return
+        self._warned = True
+        due = [k * n for k in range(1, 5)]
+        done = [-(-step // s) * s for step in due]  # the first execution start at or after it
+        warnings.warn(
+            f"RedrawRandomFeatures(every_n_steps={n}) cannot redraw on schedule with "
+            f"steps_per_execution={s}: the features change only when an execution starts, so "
+            "each execution trains with the redraw due at its first step. Redraws due before "
+            f"steps {', '.join(map(str, due))}, ... happen before steps "
+            f"{', '.join(map(str, done))}, ...{' (some are skipped)' if n < s else ''}. Make "
+            "`every_n_steps` a multiple of `steps_per_execution` for an exact schedule.",
+            stacklevel=2,
+        )
+
+    def _undo_execution_that_found_no_data(self):
+        # On TensorFlow, with data of unknown length, `fit` ends each epoch by calling
+        # `on_train_batch_begin` for an execution that finds no data: it never calls
+        # `on_train_batch_end`, but the step may still have added 1 to `optimizer.iterations`.
+        if self._running is None:
+            return
+        iterations, self._last_due, redrawn = self._running
+        self._running = None
+        for layer, projection, count in redrawn:
+            layer.projection_matrix.assign(projection)
+            layer.redraw_count.assign(count)
+        if int(_read(self.model.optimizer.iterations)) != iterations:
+            self.model.optimizer.iterations.assign(iterations)
+        if redrawn and self.verbose:
+            self._log(
+                f"RedrawRandomFeatures: the execution after {_plural(iterations, 'step')} found "
+                "no data: undid its redraw."
+            )
 
     def _plan(self, force, due):
         """(layer, new redraw count) for each built layer that must redraw now.
@@ -255,6 +315,10 @@ class RedrawRandomFeatures(keras.callbacks.Callback):
         for layer, new_count in plan:
             layer_index = self._index_of(layer)
             old_count = _redraw_count(layer)
+            if self._running is not None:
+                self._running[2].append(
+                    (layer, np.array(_read(layer.projection_matrix)), old_count)
+                )
             layer.redraw_random_features(seed=redraw_seed(base_seed, new_count, layer_index))
             if new_count != old_count + 1:
                 layer.redraw_count.assign(new_count)

@@ -1,7 +1,9 @@
 """Tests of `RedrawRandomFeatures`: bad arguments, the schedule (steps, with steps_per_execution 1
 and 3, and epochs; a redraw happens before the step or epoch that needs it, never after the last
-one), never at evaluate / predict, layer discovery in nested models, seeds, verbose logs, training
-with redraws, and resuming from `.keras` files and checkpoints.
+one), data of unknown length (generators, filtered `tf.data`: the schedule counts real steps),
+warnings when executions cannot follow the schedule, never at evaluate / predict, layer discovery
+in nested models, seeds, verbose logs, training with redraws, and resuming from `.keras` files
+and checkpoints.
 
 The redrawn projections are checked exactly: redraw i of layer j must hold
 `random_features_matrix(M, H, seed=redraw_seed(seed, i, j))`, the layer's documented draw.
@@ -10,6 +12,7 @@ tf.distribute tests are in `test_distributed.py`.
 """
 
 import os
+import warnings
 
 import keras
 import numpy as np
@@ -97,6 +100,7 @@ class Probe(keras.callbacks.Callback):
         super().__init__()
         self.layers = layers
         self.batches, self.epochs, self.ends = [], [], []
+        self.ran = []  # per entry of `batches`: whether the execution ran (it found data)
 
     def snapshot(self):
         return (
@@ -107,12 +111,25 @@ class Probe(keras.callbacks.Callback):
 
     def on_train_batch_begin(self, batch, logs=None):
         self.batches.append(self.snapshot())
+        self.ran.append(False)
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.ran[-1] = True
+
+    def real_batches(self):
+        return [snapshot for snapshot, ran in zip(self.batches, self.ran) if ran]
 
     def on_epoch_begin(self, epoch, logs=None):
         self.epochs.append(self.snapshot())
 
     def on_train_end(self, logs=None):
         self.ends.append(self.snapshot())
+
+
+def schedule_warnings(caught):
+    return [
+        str(w.message) for w in caught if "RedrawRandomFeatures(every_n_steps" in str(w.message)
+    ]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -169,7 +186,7 @@ def test_redraw_seed_is_a_pure_function_of_its_arguments():
 
 @pytest.mark.parametrize(
     "every_n_steps, steps_per_execution, steps",
-    [(2, 1, 7), (2, 1, 8), (2, 3, 9), (5, 3, 12), (3, 3, 9)],
+    [(2, 1, 7), (2, 1, 8), (2, 3, 9), (5, 3, 12), (3, 3, 9), (6, 3, 12)],
 )
 def test_every_n_steps_redraws_exactly_on_schedule(every_n_steps, steps_per_execution, steps):
     model, layer = small_model(steps_per_execution=steps_per_execution)
@@ -177,15 +194,21 @@ def test_every_n_steps_redraws_exactly_on_schedule(every_n_steps, steps_per_exec
     probe = Probe([layer])
     x, y = data(2 * steps)
     callback = RedrawRandomFeatures(every_n_steps=every_n_steps, seed=11)
-    model.fit(x, y, batch_size=2, epochs=1, shuffle=False, callbacks=[callback, probe], verbose=0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.fit(
+            x, y, batch_size=2, epochs=1, shuffle=False, callbacks=[callback, probe], verbose=0
+        )
+    # Silent exactly when every multiple of n starts an execution.
+    assert len(schedule_warnings(caught)) == (every_n_steps % steps_per_execution != 0)
 
     # Batch callbacks run once per execution: before steps 0, s, 2s, ... (counted from 0).
     checked = [snapshot[0] for snapshot in probe.batches]
     assert checked == list(range(0, steps, steps_per_execution))
     previous_count, previous_projection = 0, initial
     for step, (layer_count,), (layer_projection,) in probe.batches:
-        # Step i trains with redraw ⌊i / n⌋; one redraw covers every multiple of n reached
-        # within one execution.
+        # The execution starting at step i trains with redraw ⌊i / n⌋, so do all its steps when
+        # s divides n; else one redraw covers every multiple of n reached since the last check.
         assert layer_count == step // every_n_steps
         if layer_count == previous_count:
             np.testing.assert_array_equal(layer_projection, previous_projection)
@@ -242,6 +265,7 @@ def test_fit_ending_on_a_multiple_keeps_the_projection_its_last_step_trained_wit
     assert count(layer) == 3
 
 
+@pytest.mark.filterwarnings(r"ignore:RedrawRandomFeatures\(every_n_steps=2\) cannot")
 def test_projection_at_a_step_does_not_depend_on_steps_per_execution():
     seen = []
     for steps_per_execution in (1, 3):
@@ -368,6 +392,175 @@ def test_a_manual_redraw_does_not_stop_the_schedule():
     # A redraw before step 2 (none before step 0: the count is ahead), one past the count.
     assert count(layer) == 2
     np.testing.assert_array_equal(projection(layer), expected_projection(3, 2, 0))
+
+
+# ------------------------------------------------------------------------------------------------
+# Data of unknown length, and executions that cannot follow the schedule.
+#
+# On TensorFlow, `fit` on data of unknown length (generators, `tf.data` with `filter`) ends every
+# epoch with one more execution that finds no data: `on_train_batch_begin` without
+# `on_train_batch_end`, and with `steps_per_execution=1` `optimizer.iterations` still moves. Such
+# training must match the same steps on data of known length exactly.
+
+
+def filtered(x, y):
+    import tensorflow as tf
+
+    dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(2)
+    return dataset.filter(lambda *_: True)  # the length becomes unknown
+
+
+def generator(x, y):
+    for start in range(0, len(x), 2):
+        yield x[start : start + 2], y[start : start + 2]
+
+
+@pytest.mark.parametrize(
+    "source, every_n_steps, epochs, fits",
+    [
+        ("filter", 4, 1, 1),  # the issue's reproducer: 4 steps, no redraw expected
+        ("filter", 4, 2, 1),
+        ("filter", 3, 1, 2),
+        ("generator", 4, 1, 2),
+        ("steps_per_epoch", 4, 2, 1),  # `steps_per_epoch=6` on 4 batches: runs out
+    ],
+)
+def test_data_of_unknown_length_follows_the_schedule_in_real_steps(
+    source, every_n_steps, epochs, fits
+):
+    x, y = data(8)
+    reference_model, reference_layer = small_model()
+    reference_callback = RedrawRandomFeatures(every_n_steps=every_n_steps, seed=5)
+    for _ in range(fits):
+        reference_model.fit(
+            x,
+            y,
+            batch_size=2,
+            epochs=epochs,
+            shuffle=False,
+            callbacks=[reference_callback],
+            verbose=0,
+        )
+
+    model, layer = small_model()
+    probe = Probe([layer])
+    for _ in range(fits):
+        if source == "generator":
+            inputs, steps_per_epoch = generator(x, y), None
+        else:
+            inputs = filtered(x, y)
+            steps_per_epoch = 6 if source == "steps_per_epoch" else None
+        callback = RedrawRandomFeatures(every_n_steps=every_n_steps, seed=5)  # as when resuming
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "Your input ran out of data")
+            model.fit(
+                inputs,
+                epochs=epochs,
+                steps_per_epoch=steps_per_epoch,
+                shuffle=False,
+                callbacks=[callback, probe],
+                verbose=0,
+            )
+
+    # Every real step i trained with redraw ⌊i / n⌋, and the model keeps what the last one used.
+    steps = 4 * epochs * fits
+    assert [snapshot[0] for snapshot in probe.real_batches()] == list(range(steps))
+    for step, (layer_count,), (layer_projection,) in probe.real_batches():
+        assert layer_count == step // every_n_steps
+        if layer_count:
+            np.testing.assert_array_equal(layer_projection, expected_projection(5, layer_count, 0))
+    assert count(layer) == (steps - 1) // every_n_steps
+    np.testing.assert_array_equal(projection(layer), probe.real_batches()[-1][2][0])
+    # The same state as the same steps on data of known length: iterations, features, weights.
+    assert_same_training_state(model, layer, reference_model, reference_layer)
+
+
+def test_validation_after_data_of_unknown_length_uses_the_trained_features(capsys):
+    x, y = data(8)
+    model, layer = small_model()
+    callback = RedrawRandomFeatures(every_n_steps=4, seed=0, verbose=1)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Your input ran out of data")
+        history = model.fit(
+            filtered(x, y), validation_data=(x, y), shuffle=False, callbacks=[callback], verbose=0
+        )
+    # The validation ran with the features of step 3, which the model keeps.
+    assert count(layer) == 0 and iterations(model) == 4
+    loss = model.evaluate(x, y, verbose=0)  # batched as the validation was
+    np.testing.assert_allclose(history.history["val_loss"][0], loss, rtol=1e-6)
+    assert [line for line in capsys.readouterr().out.splitlines() if "Redraw" in line] == [
+        "RedrawRandomFeatures: after 4 steps: redrew the random features of 1 layer.",
+        "RedrawRandomFeatures: the execution after 4 steps found no data: undid its redraw.",
+    ]
+
+
+def test_steps_per_execution_larger_than_every_n_steps_warns_and_keeps_execution_starts():
+    # The issue's reproducer: s=4, n=2, 8 steps. Redraws due before steps 2 and 6 fall inside
+    # executions; each execution trains with the redraw due at its first step (0, then ⌊4/2⌋=2).
+    model, layer = small_model(steps_per_execution=4)
+    probe = Probe([layer])
+    x, y = data(16)
+    callback = RedrawRandomFeatures(every_n_steps=2, seed=1)
+    message = (
+        r"every_n_steps=2\) cannot redraw on schedule with steps_per_execution=4.*"
+        r"due before steps 2, 4, 6, 8, \.\.\. happen before steps 4, 4, 8, 8, \.\.\. "
+        r"\(some are skipped\)"
+    )
+    with pytest.warns(UserWarning, match=message):
+        model.fit(x, y, batch_size=2, shuffle=False, callbacks=[callback, probe], verbose=0)
+    assert [(step, counts[0]) for step, counts, _ in probe.batches] == [(0, 0), (4, 2)]
+    assert count(layer) == 2
+    np.testing.assert_array_equal(projection(layer), expected_projection(1, 2, 0))
+
+
+@pytest.mark.parametrize("source", ["arrays", "filter"])
+def test_steps_per_execution_dividing_every_n_steps_stays_exact_and_silent(source):
+    x, y = data(8)
+    model, layer = small_model(steps_per_execution=2)
+    probe = Probe([layer])
+    callback = RedrawRandomFeatures(every_n_steps=4, seed=2)
+    inputs = (x, y) if source == "arrays" else (filtered(x, y), None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.fit(
+            *inputs,
+            batch_size=2 if source == "arrays" else None,
+            epochs=2,
+            shuffle=False,
+            callbacks=[callback, probe],
+            verbose=0,
+        )
+    assert schedule_warnings(caught) == []
+    # Executions start before steps 0, 2, 4, 6 (and, for filtered data, one more that finds
+    # no data at the end of each epoch): redrawn exactly before step 4, and not after step 7.
+    assert [(step, counts[0]) for step, counts, _ in probe.real_batches()] == [
+        (0, 0),
+        (2, 0),
+        (4, 1),
+        (6, 1),
+    ]
+    assert iterations(model) == 8 and count(layer) == 1
+    np.testing.assert_array_equal(projection(layer), expected_projection(2, 1, 0))
+
+
+def test_epochs_that_move_executions_off_the_schedule_warn_at_the_first_late_redraw():
+    # s=2, n=2, 3 steps per epoch: executions start before steps 0, 2 | 3, 5. The redraw due
+    # before step 4 falls inside the execution of steps 3-4 and happens before step 5.
+    model, layer = small_model(steps_per_execution=2)
+    probe = Probe([layer])
+    x, y = data(6)
+    callback = RedrawRandomFeatures(every_n_steps=2, seed=3)
+    with pytest.warns(UserWarning, match="redraw due before step 4 happens before step 5"):
+        model.fit(
+            x, y, batch_size=2, epochs=2, shuffle=False, callbacks=[callback, probe], verbose=0
+        )
+    assert [(step, counts[0]) for step, counts, _ in probe.batches] == [
+        (0, 0),
+        (2, 1),
+        (3, 1),
+        (5, 2),
+    ]
+    assert count(layer) == 2
 
 
 # ------------------------------------------------------------------------------------------------
