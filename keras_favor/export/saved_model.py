@@ -4,9 +4,9 @@ TensorFlow is imported lazily, inside the functions, so that `import keras_favor
 
 Signatures written by `export_saved_model`:
 
-- ``serving_default``: the full forward pass. Inputs are named after the model's inputs, outputs
-  after its outputs; batch and sequence length are dynamic (declare ``keras.Input(shape=(None,
-  ...))``).
+- ``serving_default`` and ``serve`` (the same function, as `keras.Model.export` writes them): the
+  full forward pass. Inputs are named after the model's inputs, outputs after its outputs; batch
+  and sequence length are dynamic (declare ``keras.Input(shape=(None, ...))``).
 - ``initial_state`` and ``decode_step`` (decoder models only): streaming decoding with a fixed-size
   state, see `keras_favor.export.decode`.
 """
@@ -22,6 +22,7 @@ from keras_favor._checks import invalid, positive_int
 from keras_favor.export._signatures import (
     DECODE_STEP,
     INITIAL_STATE,
+    SERVE,
     SERVING_DEFAULT,
     check_input_name,
     model_input_specs,
@@ -35,6 +36,7 @@ from keras_favor.export.decode import DecodeSignatures, add_decode_endpoints
 __all__ = [
     "DECODE_STEP",
     "INITIAL_STATE",
+    "SERVE",
     "SERVING_DEFAULT",
     "check_inference_ops",
     "export_saved_model",
@@ -90,7 +92,9 @@ def export_saved_model(
         verbose: print the endpoints.
 
     Returns:
-        The path of the version directory, a str.
+        The path of the version directory, a str. Loaded with `tf.saved_model.load`, the
+        forward pass is ``loaded.serve(inputs)`` (``inputs`` a dict input name -> tensor) and
+        ``loaded.signatures["serving_default"](**inputs)``.
 
     Example:
 
@@ -107,7 +111,9 @@ def export_saved_model(
     archive = keras.export.ExportArchive()
     archive.track(model)
     serving_fn, serving_specs = _serving_function(model, input_signature, output_names)
-    archive.add_endpoint(SERVING_DEFAULT, serving_fn, input_signature=[serving_specs])
+    served = archive.add_endpoint(SERVING_DEFAULT, serving_fn, input_signature=[serving_specs])
+    served.get_concrete_function()  # traced once: `serve` is the same function
+    archive.add_endpoint(SERVE, served)
     if decode is not None:
         add_decode_endpoints(archive, decode, output_names or model_output_names(model))
     _write_atomically(archive, final_dir, verbose)
