@@ -7,10 +7,12 @@ function needs it.
   ``serving_default`` (also ``serve``, as `keras.Model.export`) and, for decoder models,
   ``initial_state`` / ``decode_step`` signatures (`DecodeSignatures` for other models).
 - `export_tflite`: builtin-ops-only `.tflite` (float32, float16 or dynamic-range int8) with the
-  same signatures; `TFLiteRunner` runs them at any length.
+  same signatures; a float16 / bfloat16 model is converted as its float32 copy. `TFLiteRunner`
+  runs the signatures at any length.
 
 Submodules hold the rest: `saved_model` (signature-name constants, `check_inference_ops`,
-`saved_model_signature_names`), `tflite` (`convert_saved_model`), and `testing`: tools that check a SavedModel the way servers load and answer it
+`saved_model_signature_names`), `tflite` (`convert_saved_model`), `mixed_precision`
+(`float32_copy`), and `testing`: tools that check a SavedModel the way servers load and answer it
 (`SavedModelSession`, the TF C API loader TF Serving uses; `saved_model_cli_run`; `rest_predict`,
 TF Serving's REST JSON formats).
 """

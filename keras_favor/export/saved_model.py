@@ -72,6 +72,9 @@ def export_saved_model(
     temporary name, checked, then renamed), so a server watching `base_path` never loads a
     half-written model. The graph is checked to hold no random or QR ops (`check_inference_ops`).
 
+    The model runs in its own dtype policy: under ``mixed_float16`` or ``mixed_bfloat16`` the
+    graph computes in that dtype and the outputs come in the compute dtype.
+
     Args:
         model: a built `keras.Model`. Functional models give their inputs' names and shapes;
             declare sequence axes as None for a dynamic length.

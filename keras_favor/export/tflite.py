@@ -10,6 +10,9 @@ naming each op and where it comes from.
 Every SavedModel signature becomes a TFLite signature: ``serving_default`` (dynamic batch and
 sequence length; resize the inputs before running) and, for decoder models, ``initial_state`` and
 ``decode_step``; ``serve``, the same function as ``serving_default``, is left out.
+
+TFLite builtins compute in float32: a Keras model under a float16 or bfloat16 dtype policy
+(``mixed_float16``, ``mixed_bfloat16``) is converted as its float32 copy (`float32_copy`).
 """
 
 import os
@@ -17,9 +20,12 @@ import re
 import shutil
 import tempfile
 
+import keras
 import numpy as np
 
 from keras_favor._checks import invalid
+from keras_favor.export.decode import DecodeSignatures
+from keras_favor.export.mixed_precision import float32_copy, half_precision_policies
 from keras_favor.export.saved_model import (
     SAVED_MODEL_PB,
     SERVE,
@@ -30,7 +36,9 @@ from keras_favor.export.saved_model import (
 )
 
 QUANTIZATIONS = (None, "float16", "dynamic_range")
+_DTYPE_NAMES = {"f16": "float16", "bf16": "bfloat16"}
 _DETAIL = re.compile(r"^\s*tf\.(\w+)\((.*)$")
+_HALF_TENSOR = re.compile(r"tensor<[^>]*x(b?f16)>")
 
 
 def _flex_ops(error):
@@ -58,8 +66,17 @@ def _flex_error(error):
         op + (f" (at {', '.join(sorted(where))})" if where else "")
         for op, where in sorted(ops.items())
     )
-    message = (
-        "TFLite conversion with builtin ops only failed: these TensorFlow ops have no TFLite builtin and would need Flex (TF Select), which "
+    message = "TFLite conversion with builtin ops only failed: "
+    half = sorted({_DTYPE_NAMES[t] for t in _HALF_TENSOR.findall(text)})
+    if half:
+        return ValueError(
+            message + f"the graph computes in {' and '.join(half)}, which TFLite builtins "
+            f"cannot ({listing}): it was exported under a half-precision `dtype_policy` such as "
+            "'mixed_float16'. Pass the Keras model itself to `export_tflite` (it converts the "
+            "model's float32 copy), or export a copy built under dtype_policy 'float32'."
+        )
+    message += (
+        "these TensorFlow ops have no TFLite builtin and would need Flex (TF Select), which "
         f"LiteRT cannot run without it: {listing}."
     )
     details = sorted({line.strip() for line in text.splitlines() if _DETAIL.match(line)})
@@ -101,7 +118,8 @@ def convert_saved_model(saved_model_dir, quantization=None, signature_keys=None)
         The `.tflite` model as bytes.
 
     Raises:
-        ValueError: naming the op(s) if the model needs Flex (TF Select) ops.
+        ValueError: naming the op(s) if the model needs Flex (TF Select) ops, or the dtype if
+            the SavedModel computes in float16 / bfloat16.
     """
     import tensorflow as tf  # noqa: PLC0415 (lazy: only export needs TensorFlow)
 
@@ -162,7 +180,11 @@ def export_tflite(
 
     A Keras model is first exported with `export_saved_model` (into a temporary directory), so
     the TFLite model has the same signatures: ``serving_default`` and, for decoder models,
-    ``initial_state`` and ``decode_step``.
+    ``initial_state`` and ``decode_step``. A model that computes in float16 or bfloat16 (dtype
+    policy ``mixed_float16``, ``mixed_bfloat16``, ``float16`` or ``bfloat16``) is exported as its
+    float32 copy: the same weights cast to float32, under the float32 policy (`float32_copy`);
+    the model passed in is left as it is. Pass ``quantization="float16"`` to store the weights
+    in half precision.
 
     Args:
         model_or_saved_model_dir: a built `keras.Model` or a SavedModel directory.
@@ -176,7 +198,9 @@ def export_tflite(
         `path`, a str.
 
     Raises:
-        ValueError: naming the op(s) if the model needs Flex (TF Select) ops.
+        ValueError: naming the op(s) if the model needs Flex (TF Select) ops; naming
+            ``dtype_policy`` if a half-precision model's float32 copy cannot be made, or if
+            ``decode`` is a `DecodeSignatures` (whose functions run the half-precision layers).
 
     Example:
 
@@ -189,10 +213,9 @@ def export_tflite(
     if isinstance(model_or_saved_model_dir, (str, os.PathLike)):
         flatbuffer = convert_saved_model(model_or_saved_model_dir, quantization, signature_keys)
     else:
+        model = _float32_model(model_or_saved_model_dir, export_kwargs.get("decode"))
         with tempfile.TemporaryDirectory() as tmp:
-            saved_model_dir = export_saved_model(
-                model_or_saved_model_dir, tmp, version=1, **export_kwargs
-            )
+            saved_model_dir = export_saved_model(model, tmp, version=1, **export_kwargs)
             flatbuffer = convert_saved_model(saved_model_dir, quantization, signature_keys)
     directory = os.path.dirname(path)
     if directory:
@@ -200,6 +223,23 @@ def export_tflite(
     with open(path, "wb") as f:
         f.write(flatbuffer)
     return path
+
+
+def _float32_model(model, decode):
+    """`model`, or its float32 copy if it computes in half precision (see `float32_copy`)."""
+    if not isinstance(model, keras.Model):
+        return model  # `export_saved_model` says what is wrong with it
+    if isinstance(decode, DecodeSignatures):
+        policies = half_precision_policies(model)
+        if policies:
+            raise invalid(
+                "dtype_policy",
+                "'float32' for TFLite when `decode` is a DecodeSignatures: its functions run the "
+                "model's half-precision layers. Build the DecodeSignatures on a float32 copy "
+                "(`keras_favor.export.mixed_precision.float32_copy(model)`) and export that copy",
+                policies[0] if len(policies) == 1 else policies,
+            )
+    return float32_copy(model)
 
 
 class TFLiteRunner:

@@ -20,11 +20,13 @@ from tests.export.conftest import (
     VOCAB,
     WIDTH,
     attention_model,
+    language_model,
     random_ids,
     random_tokens,
     stream,
+    under_policy,
 )
-from tests.testing import to_numpy
+from tests.testing import assert_close_to_scale, to_numpy
 
 ATOL = 1e-5
 
@@ -115,6 +117,33 @@ def test_serve_endpoint_is_serving_default(lm, lm_export):
     assert loaded.serve is loaded.serving_default
     got = loaded.signatures["serve"](token_ids=tf.constant(ids))["logits"]
     np.testing.assert_array_equal(got, served["logits"])
+
+
+# Graph and eager runs round in another order: measured up to 2 ulps (float16) and 1 ulp
+# (bfloat16) of the largest logit; allowed 4 ulps of the compute dtype, relative to that scale.
+HALF_TOLERANCE = {"mixed_float16": 4 * 2.0**-10, "mixed_bfloat16": 4 * 2.0**-7}
+
+
+@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
+def test_mixed_precision_saved_model(tmp_path, policy):
+    """A mixed-precision model exports as it runs: the graph computes (and answers) in the compute
+    dtype, and the decode signatures stream it."""
+    model = under_policy(policy, language_model)
+    ids = random_ids(2, 9, seed=12)
+    want = to_numpy(model(ids))
+    path = export.export_saved_model(model, tmp_path)
+    assert saved_model_signature_names(path) == [
+        "decode_step",
+        "initial_state",
+        "serve",
+        "serving_default",
+    ]
+    run = _loaded_runner(path)
+    got = run("serving_default", {"token_ids": ids})["logits"]
+    assert got.dtype.name == model.compute_dtype
+    assert_close_to_scale(got.astype("float32"), want, HALF_TOLERANCE[policy])
+    streamed = stream(run, 2, ids).astype("float32")
+    assert_close_to_scale(streamed, want, HALF_TOLERANCE[policy])
 
 
 @pytest.mark.parametrize("causal", [False, True])
