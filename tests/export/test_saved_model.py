@@ -29,6 +29,7 @@ from tests.export.conftest import (
 from tests.testing import assert_close_to_scale, to_numpy
 
 ATOL = 1e-5
+DECODER_SIGNATURES = ["decode_step", "initial_state", "serve", "serving_default"]
 
 
 def _signature_defs(path):
@@ -68,12 +69,7 @@ def test_layout_and_signatures(lm_export):
     assert os.path.isdir(os.path.join(lm_export, "variables"))
     # Nothing but the version directory: the temporary write directory is gone.
     assert os.listdir(os.path.dirname(lm_export)) == ["1"]
-    assert saved_model_signature_names(lm_export) == [
-        "decode_step",
-        "initial_state",
-        "serve",
-        "serving_default",
-    ]
+    assert saved_model_signature_names(lm_export) == DECODER_SIGNATURES
     defs = _signature_defs(lm_export)
     f32, i32 = 1, 3  # DataType enum
     state_shapes = [[-1, 2, 16, 8], [-1, 2, 16]] * 2  # (S, z) per block: N=2, M=16, D=8
@@ -132,12 +128,7 @@ def test_mixed_precision_saved_model(tmp_path, policy):
     ids = random_ids(2, 9, seed=12)
     want = to_numpy(model(ids))
     path = export.export_saved_model(model, tmp_path)
-    assert saved_model_signature_names(path) == [
-        "decode_step",
-        "initial_state",
-        "serve",
-        "serving_default",
-    ]
+    assert saved_model_signature_names(path) == DECODER_SIGNATURES
     run = _loaded_runner(path)
     got = run("serving_default", {"token_ids": ids})["logits"]
     assert got.dtype.name == model.compute_dtype
@@ -320,12 +311,7 @@ def test_sequential_decoder(tmp_path):
         ]
     )
     path = export.export_saved_model(model, tmp_path)
-    assert saved_model_signature_names(path) == [
-        "decode_step",
-        "initial_state",
-        "serve",
-        "serving_default",
-    ]
+    assert saved_model_signature_names(path) == DECODER_SIGNATURES
     run = _loaded_runner(path)
     ids = random_ids(2, 6, seed=6)
     want = model(ids)
