@@ -8,12 +8,14 @@ Run from the repository root:
 1. Gets a byte-level FAVOR language model: loads a `.keras` file (for example the one
    `examples/quickstart.py` saves) or trains a tiny one for a few seconds.
 2. Exports it with `keras_favor.export.export_saved_model` into the TF Serving layout
-   `saved_models/favor_lm/1/`, with three signatures: ``serving_default`` (token ids of any
-   batch size and length -> logits), ``initial_state`` and ``decode_step`` (streaming decoding:
-   the state goes in and comes out, a constant cost per token).
-3. Loads it with TensorFlow's C API SavedModel loader (`SavedModelSession`: the C++ loader TF
-   Serving is built on) and checks ``serving_default`` against Keras; answers TF Serving REST
-   requests (`rest_predict`: the row format ``{"instances": ...}`` and the columnar format
+   `saved_models/favor_lm/1/`, with the signatures ``serving_default`` (token ids of any
+   batch size and length -> logits; also under ``serve``, as `keras.Model.export` names it),
+   ``initial_state`` and ``decode_step`` (streaming decoding: the state goes in and comes out, a
+   constant cost per token).
+3. Loads it with TensorFlow's C API SavedModel loader (`keras_favor.export.testing`'s
+   `SavedModelSession`: the C++ loader TF Serving is built on) and checks ``serving_default``
+   against Keras; answers TF Serving REST requests (`rest_predict`, from the same testing module:
+   the row format ``{"instances": ...}`` and the columnar format
    ``{"inputs": ...}``, exactly as the server shapes them); streams a continuation with
    ``initial_state`` / ``decode_step`` and checks every step against the Keras forward pass;
    optionally runs ``saved_model_cli run`` too.
@@ -253,6 +255,8 @@ def main(
         verbose: Keras progress bars (1) or quiet (0).
     """
     from keras_favor import export
+    from keras_favor.export.saved_model import saved_model_signature_names
+    from keras_favor.export.testing import SavedModelSession, rest_predict, saved_model_cli_run
 
     model = load_or_train_model(
         keras_model,
@@ -269,7 +273,7 @@ def main(
         verbose=verbose,
     )
     saved_model_dir = export.export_saved_model(model, output, version=version, overwrite=True)
-    signatures = export.saved_model_signature_names(saved_model_dir)
+    signatures = saved_model_signature_names(saved_model_dir)
     print(f"\nExported {saved_model_dir}\nSignatures: {', '.join(signatures)}")
     differences = {}
 
@@ -279,19 +283,19 @@ def main(
         [corpus_tokens[:check_length], corpus_tokens[check_length : 2 * check_length]]
     ).astype("int32")
     expected = keras_logits(model, ids)
-    with export.SavedModelSession(saved_model_dir) as session:
+    with SavedModelSession(saved_model_dir) as session:
         got = session.run({"token_ids": ids})["logits"]
         differences["c_api_serving_default"] = float(np.max(np.abs(got - expected)))
 
         # 2. TF Serving's REST formats, answered through the same loader.
         prompt_ids = data.encode(prompt)
         row_request = {"instances": [prompt_ids.tolist()]}
-        row_response = export.rest_predict(session, json.dumps(row_request))
+        row_response = rest_predict(session, json.dumps(row_request))
         prompt_logits = keras_logits(model, prompt_ids[None])
         differences["rest_instances"] = float(
             np.max(np.abs(np.asarray(row_response["predictions"]) - prompt_logits))
         )
-        column_response = export.rest_predict(session, {"inputs": {"token_ids": ids.tolist()}})
+        column_response = rest_predict(session, {"inputs": {"token_ids": ids.tolist()}})
         differences["rest_inputs"] = float(
             np.max(np.abs(np.asarray(column_response["outputs"]) - expected))
         )
@@ -301,10 +305,10 @@ def main(
         full = keras_logits(model, np.concatenate([prompt_ids, generated])[None, :-1])[0]
         differences["c_api_decode_step"] = float(np.max(np.abs(step_logits - full)))
         # ... and the same two signatures through TF Serving's REST format.
-        rest_state = export.rest_predict(
+        rest_state = rest_predict(
             session, {"signature_name": "initial_state", "inputs": {"batch_size": 1}}
         )["outputs"]
-        rest_step = export.rest_predict(
+        rest_step = rest_predict(
             session,
             {
                 "signature_name": "decode_step",
@@ -319,7 +323,7 @@ def main(
             for name, value in session.run({"batch_size": np.int32(1)}, "initial_state").items()
         }
     if saved_model_cli:
-        cli = export.saved_model_cli_run(saved_model_dir, {"token_ids": ids[:, :64]})
+        cli = saved_model_cli_run(saved_model_dir, {"token_ids": ids[:, :64]})
         differences["saved_model_cli"] = float(np.max(np.abs(cli["logits"] - expected[:, :64])))
 
     print(

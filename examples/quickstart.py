@@ -328,6 +328,7 @@ def main(
         largest differences between Keras and the exports, the sample and the timings (s).
     """
     from keras_favor import export
+    from keras_favor.export.saved_model import saved_model_signature_names
 
     keras.utils.set_random_seed(seed)
     timings = {}
@@ -388,7 +389,7 @@ def main(
         export.export_tflite(saved_model_dir, tflite_path)
     print(
         f"Saved {keras_path}\nExported {saved_model_dir} (signatures: "
-        f"{', '.join(export.saved_model_signature_names(saved_model_dir))})\n"
+        f"{', '.join(saved_model_signature_names(saved_model_dir))})\n"
         f"Exported {tflite_path} ({os.path.getsize(tflite_path) / 2**20:.1f} MiB)"
     )
 

@@ -267,7 +267,7 @@ def test_export_tf_serving(tmp_path):
         output=output, check_length=64, saved_model_cli=False, **TINY_EXPORT
     )
     assert result["saved_model_dir"] == os.path.join(output, "1")
-    assert result["signatures"] == ["decode_step", "initial_state", "serving_default"]
+    assert result["signatures"] == ["decode_step", "initial_state", "serve", "serving_default"]
     assert set(result["differences"]) == {
         "c_api_serving_default",
         "rest_instances",

@@ -79,6 +79,16 @@ def language_model(position="learned", rotary=False, mask_zero=False):
     return keras.Model(token_ids, keras.layers.Dense(VOCAB, name="logits")(x))
 
 
+def under_policy(policy, build, *args, **kwargs):
+    """`build(*args, **kwargs)` under the global dtype policy `policy`, restored afterwards."""
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(policy)
+    try:
+        return build(*args, **kwargs)
+    finally:
+        keras.config.set_dtype_policy(previous)
+
+
 def random_tokens(batch, length, seed=0):
     return np.random.RandomState(seed).randn(batch, length, WIDTH).astype("float32")
 

@@ -35,7 +35,8 @@ from tensorflow_serving.apis import (  # noqa: E402
     prediction_service_pb2_grpc,
 )
 
-from keras_favor import export  # noqa: E402
+from keras_favor.export.saved_model import SERVING_DEFAULT  # noqa: E402
+from keras_favor.export.testing import SavedModelSession  # noqa: E402
 from tests.export import golden_artifacts as golden  # noqa: E402
 from tests.testing import assert_close_to_scale  # noqa: E402
 
@@ -54,7 +55,7 @@ class _PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
             proto.ParseFromString(f.read())
         (meta_graph,) = proto.meta_graphs
         self.signatures = dict(meta_graph.signature_def)
-        self.session = export.SavedModelSession(version_dir)
+        self.session = SavedModelSession(version_dir)
 
     def predict(self, request):
         """PredictRequest -> PredictResponse, or (grpc.StatusCode, message) on a bad request."""
@@ -63,7 +64,7 @@ class _PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
             spec.HasField("version") and spec.version.value != self.version
         ):
             return grpc.StatusCode.NOT_FOUND, f"Servable not found for request: {spec.name}"
-        signature_name = spec.signature_name or export.SERVING_DEFAULT
+        signature_name = spec.signature_name or SERVING_DEFAULT
         signature = self.signatures.get(signature_name)
         if signature is None:
             return (

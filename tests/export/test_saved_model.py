@@ -4,6 +4,7 @@ Run through `tf.saved_model.load` here; tests/export/test_serving.py runs the sa
 through the TF C API loader, `saved_model_cli` and the REST helper.
 """
 
+import importlib
 import os
 import re
 
@@ -13,17 +14,22 @@ import pytest
 from keras import ops
 
 from keras_favor import export
+from keras_favor.export.saved_model import check_inference_ops, saved_model_signature_names
 from keras_favor.layers import FavorAttention, FavorTransformerDecoder, TokenAndPositionEmbedding
 from tests.export.conftest import (
     VOCAB,
     WIDTH,
     attention_model,
+    language_model,
     random_ids,
     random_tokens,
     stream,
+    under_policy,
 )
+from tests.testing import assert_close_to_scale, to_numpy
 
 ATOL = 1e-5
+DECODER_SIGNATURES = ["decode_step", "initial_state", "serve", "serving_default"]
 
 
 def _signature_defs(path):
@@ -63,11 +69,7 @@ def test_layout_and_signatures(lm_export):
     assert os.path.isdir(os.path.join(lm_export, "variables"))
     # Nothing but the version directory: the temporary write directory is gone.
     assert os.listdir(os.path.dirname(lm_export)) == ["1"]
-    assert export.saved_model_signature_names(lm_export) == [
-        "decode_step",
-        "initial_state",
-        "serving_default",
-    ]
+    assert saved_model_signature_names(lm_export) == DECODER_SIGNATURES
     defs = _signature_defs(lm_export)
     f32, i32 = 1, 3  # DataType enum
     state_shapes = [[-1, 2, 16, 8], [-1, 2, 16]] * 2  # (S, z) per block: N=2, M=16, D=8
@@ -76,11 +78,63 @@ def test_layout_and_signatures(lm_export):
         {"token_ids": (i32, [-1, -1])},  # dynamic batch and length
         {"logits": (f32, [-1, -1, VOCAB])},
     )
+    assert _io(defs["serve"]) == _io(defs["serving_default"])
     assert _io(defs["initial_state"]) == ({"batch_size": (i32, [])}, states)
     assert _io(defs["decode_step"]) == (
         {"token_ids": (i32, [-1]), "position": (i32, [-1]), **states},
         {"logits": (f32, [-1, VOCAB]), **states},
     )
+
+
+def test_public_surface():
+    assert export.__all__ == [
+        "DecodeSignatures",
+        "TFLiteRunner",
+        "export_saved_model",
+        "export_tflite",
+    ]
+    # The tools that imitate a server live in `keras_favor.export.testing`, not beside the API.
+    for name in ("SavedModelSession", "rest_predict", "saved_model_cli_run"):
+        assert not hasattr(export, name)
+        assert callable(getattr(importlib.import_module("keras_favor.export.testing"), name))
+
+
+def test_serve_endpoint_is_serving_default(lm, lm_export):
+    """`tf.saved_model.load(path).serve(inputs)`, as on a `keras.Model.export` SavedModel."""
+    import tensorflow as tf
+
+    loaded = tf.saved_model.load(lm_export)
+    ids = random_ids(2, 9, seed=11)
+    want = to_numpy(lm(ids))
+    served = loaded.serve({"token_ids": tf.constant(ids)})
+    assert sorted(served) == ["logits"]
+    np.testing.assert_allclose(served["logits"], want, atol=ATOL, rtol=0)
+    # The same traced function under both names, as attributes and as signatures.
+    assert loaded.serve is loaded.serving_default
+    got = loaded.signatures["serve"](token_ids=tf.constant(ids))["logits"]
+    np.testing.assert_array_equal(got, served["logits"])
+
+
+# Graph and eager runs round in another order: measured up to 2 ulps (float16) and 1 ulp
+# (bfloat16) of the largest logit; allowed 4 ulps of the compute dtype, relative to that scale.
+HALF_TOLERANCE = {"mixed_float16": 4 * 2.0**-10, "mixed_bfloat16": 4 * 2.0**-7}
+
+
+@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
+def test_mixed_precision_saved_model(tmp_path, policy):
+    """A mixed-precision model exports as it runs: the graph computes (and answers) in the compute
+    dtype, and the decode signatures stream it."""
+    model = under_policy(policy, language_model)
+    ids = random_ids(2, 9, seed=12)
+    want = to_numpy(model(ids))
+    path = export.export_saved_model(model, tmp_path)
+    assert saved_model_signature_names(path) == DECODER_SIGNATURES
+    run = _loaded_runner(path)
+    got = run("serving_default", {"token_ids": ids})["logits"]
+    assert got.dtype.name == model.compute_dtype
+    assert_close_to_scale(got.astype("float32"), want, HALF_TOLERANCE[policy])
+    streamed = stream(run, 2, ids).astype("float32")
+    assert_close_to_scale(streamed, want, HALF_TOLERANCE[policy])
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -95,7 +149,7 @@ def test_serving_default_matches_keras(attention_exports, causal):
 
 def test_graph_has_no_random_or_qr_ops(lm_export, attention_exports):
     for path in [lm_export] + [p for _, p in attention_exports.values()]:
-        op_types = export.check_inference_ops(path)
+        op_types = check_inference_ops(path)
         bad = [op for op in op_types if re.search("Random|Qr|Multinomial|Rng", op)]
         assert not bad
         # The walk reaches into the functions, where the FAVOR math lives.
@@ -154,7 +208,7 @@ def test_invalid_model_and_decode(tmp_path):
         export.export_saved_model(attention_model(True), tmp_path, decode=True)
     # "auto": no decode signatures for a model that cannot stream.
     path = export.export_saved_model(attention_model(True), tmp_path, version=2)
-    assert export.saved_model_signature_names(path) == ["serving_default"]
+    assert saved_model_signature_names(path) == ["serve", "serving_default"]
 
 
 def test_decode_signatures_reproduce_forward(lm, lm_export):
@@ -257,11 +311,7 @@ def test_sequential_decoder(tmp_path):
         ]
     )
     path = export.export_saved_model(model, tmp_path)
-    assert export.saved_model_signature_names(path) == [
-        "decode_step",
-        "initial_state",
-        "serving_default",
-    ]
+    assert saved_model_signature_names(path) == DECODER_SIGNATURES
     run = _loaded_runner(path)
     ids = random_ids(2, 6, seed=6)
     want = model(ids)

@@ -1,5 +1,5 @@
-"""Serving checks: the TF C API SavedModel loader (as TF Serving), `saved_model_cli run`, and
-TF Serving's REST predict JSON formats, all matching Keras."""
+"""`keras_favor.export.testing`: the TF C API SavedModel loader (as TF Serving), `saved_model_cli
+run`, and TF Serving's REST predict JSON formats, all matching Keras."""
 
 import json
 
@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from keras_favor import export
+from keras_favor.export.testing import SavedModelSession, rest_predict, saved_model_cli_run
 from keras_favor.layers import FavorAttention
 from tests.export.conftest import WIDTH, random_ids, random_tokens, stream
 
@@ -16,12 +17,17 @@ ATOL = 1e-5
 
 @pytest.fixture(scope="module")
 def lm_session(lm_export):
-    with export.SavedModelSession(lm_export) as session:
+    with SavedModelSession(lm_export) as session:
         yield session
 
 
 def test_c_api_serving_default_matches_keras(lm, lm_session):
-    assert lm_session.signature_names == ["decode_step", "initial_state", "serving_default"]
+    assert lm_session.signature_names == [
+        "decode_step",
+        "initial_state",
+        "serve",
+        "serving_default",
+    ]
     assert lm_session.signature() == (["token_ids"], ["logits"])
     for batch, length in [(1, 1), (2, 9), (3, 33)]:
         ids = random_ids(batch, length, seed=length)
@@ -42,8 +48,8 @@ def test_c_api_errors(lm_session, lm_export):
     with pytest.raises(ValueError, match="inputs"):
         lm_session.run({"tokens": random_ids(1, 2)})
     with pytest.raises(RuntimeError, match="Loading SavedModel"):
-        export.SavedModelSession(lm_export + "-missing")
-    session = export.SavedModelSession(lm_export)
+        SavedModelSession(lm_export + "-missing")
+    session = SavedModelSession(lm_export)
     session.close()
     with pytest.raises(RuntimeError, match="closed"):
         session.run({"token_ids": random_ids(1, 2)})
@@ -52,27 +58,25 @@ def test_c_api_errors(lm_session, lm_export):
 def test_saved_model_cli_run(attention_exports):
     model, path = attention_exports[True]
     x = random_tokens(2, 11, seed=2)
-    got = export.saved_model_cli_run(path, {"tokens": x})
+    got = saved_model_cli_run(path, {"tokens": x})
     assert sorted(got) == ["logits"]
     np.testing.assert_allclose(got["logits"], model(x), atol=ATOL, rtol=0)
 
 
-@pytest.fixture(scope="module", params=["session", "tf.saved_model.load"])
+@pytest.fixture(scope="module", params=["session", "directory"])
 def server(request, attention_exports):
     """(model, what rest_predict serves from) for the non-causal attention model."""
-    import tensorflow as tf
-
     model, path = attention_exports[False]
     if request.param == "session":
-        with export.SavedModelSession(path) as session:
+        with SavedModelSession(path) as session:
             yield model, session
     else:
-        yield model, tf.saved_model.load(path)
+        yield model, path
 
 
 def _post(served, body):
     """Serialises like an HTTP client and server would: JSON text in, JSON text out."""
-    return json.loads(json.dumps(export.rest_predict(served, json.dumps(body))))
+    return json.loads(json.dumps(rest_predict(served, json.dumps(body))))
 
 
 def test_rest_row_format(server):
@@ -170,4 +174,13 @@ def test_rest_streaming_decode(lm, lm_session):
 def test_rest_bad_requests(server, body, match):
     _, served = server
     with pytest.raises(ValueError, match=match):
-        export.rest_predict(served, body if isinstance(body, str) else json.dumps(body))
+        rest_predict(served, body if isinstance(body, str) else json.dumps(body))
+
+
+def test_rest_predict_serves_sessions_and_directories_only(attention_exports):
+    import tensorflow as tf
+
+    _, path = attention_exports[False]
+    loaded = tf.saved_model.load(path)
+    with pytest.raises(ValueError, match="model"):
+        rest_predict(loaded, {"inputs": [[[0.0] * WIDTH]]})

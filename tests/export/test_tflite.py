@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 from keras_favor import export
+from keras_favor.export.mixed_precision import float32_copy, half_precision_policies
 from keras_favor.layers import FavorAttention
 from tests.export.conftest import (
     WIDTH,
@@ -29,6 +30,7 @@ from tests.export.conftest import (
     random_ids,
     random_tokens,
     stream,
+    under_policy,
 )
 
 pytest.importorskip("ai_edge_litert")
@@ -251,3 +253,67 @@ def test_invalid_arguments(attention_tflite, tmp_path):
         runner.run({"tokens": random_tokens(1, 2)}, "decode_step")
     with pytest.raises(ValueError, match="inputs"):
         runner.run({"x": random_tokens(1, 2)})
+
+
+@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
+def test_mixed_precision_model_converts_as_its_float32_copy(tmp_path, policy):
+    """Regression: a mixed-precision model failed conversion (float16 BatchMatMul, BiasAdd and
+    MatMul have no TFLite builtin) with advice to rewrite einsums. It now converts as its float32
+    copy: LiteRT gives the float32 Keras model's outputs (same weights) at float32 accuracy."""
+    model = under_policy(policy, language_model)
+    reference = language_model()  # the same architecture under float32, given the same weights
+    reference.set_weights(model.get_weights())
+    runner = export.TFLiteRunner(export.export_tflite(model, tmp_path / "lm.tflite"))
+    assert runner.signature_names == ["decode_step", "initial_state", "serving_default"]
+    ids = random_ids(2, 9, seed=13)
+    want = _np(reference(ids))
+    np.testing.assert_allclose(runner.run({"token_ids": ids})["logits"], want, atol=ATOL, rtol=0)
+    got = stream(lambda name, feed: runner.run(feed, name), 2, ids)
+    np.testing.assert_allclose(got, want, atol=ATOL, rtol=0)
+    # The model passed in and the global policy are left as they were.
+    assert model.dtype_policy.name == policy
+    assert model.get_layer("logits").compute_dtype == policy.removeprefix("mixed_")
+    assert keras.config.dtype_policy().name == "float32"
+
+
+def test_float32_copy():
+    model = attention_model(True)
+    assert float32_copy(model) is model  # nothing to change
+    mixed = under_policy("mixed_float16", attention_model, True)
+    copy = float32_copy(mixed)
+    assert copy is not mixed and copy.dtype_policy.name == "float32"
+    assert half_precision_policies(mixed) == ["mixed_float16"]
+    assert half_precision_policies(copy) == []
+    x = random_tokens(2, 5, seed=3)
+    np.testing.assert_allclose(_np(copy(x)), _np(model(x)), atol=ATOL, rtol=0)
+
+
+def test_half_precision_saved_model_dir_names_the_dtype(tmp_path):
+    mixed = under_policy("mixed_float16", attention_model, False)
+    saved_model = export.export_saved_model(mixed, tmp_path / "sm")
+    with pytest.raises(ValueError, match=r"computes in float16.*dtype_policy") as error:
+        export.export_tflite(saved_model, tmp_path / "m.tflite")
+    assert "Rewrite" not in str(error.value)  # not the advice for ops without a builtin
+
+
+def test_half_precision_with_explicit_decode_signatures_is_refused(tmp_path):
+    mixed = under_policy("mixed_bfloat16", attention_model, True)
+    with pytest.raises(ValueError, match="`dtype_policy`.*DecodeSignatures.*'mixed_bfloat16'"):
+        export.export_tflite(mixed, tmp_path / "m.tflite", decode=_attention_decode(mixed))
+    assert not os.path.exists(tmp_path / "m.tflite")
+
+
+def test_half_precision_model_without_config_is_refused(tmp_path):
+    class Wrapper(keras.Model):  # no get_config: its float32 copy cannot be rebuilt
+        def __init__(self, inner, **kwargs):
+            super().__init__(**kwargs)
+            self.inner = inner
+
+        def call(self, x):
+            return self.inner(x)
+
+    model = under_policy("mixed_float16", lambda: Wrapper(attention_model(False)))
+    model(random_tokens(1, 3))
+    spec = {"tokens": keras.InputSpec(shape=(None, None, WIDTH), dtype="float32")}
+    with pytest.raises(ValueError, match=r"(?s)`dtype_policy`.*float32.*'mixed_float16'"):
+        export.export_tflite(model, tmp_path / "m.tflite", input_signature=spec)

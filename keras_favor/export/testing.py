@@ -1,4 +1,7 @@
-"""Serving-side helpers: run a SavedModel the ways TF Serving and its clients do.
+"""Test tools that run a SavedModel the ways TF Serving and its clients do (no server needed).
+
+Not part of `keras_favor.export`'s API: examples and tests import them from here to check an
+export the way a server loads and answers it.
 
 - `SavedModelSession`: loads a SavedModel through the TF C API (`TF_LoadSessionFromSavedModel`,
   the C++ SavedModel loader TF Serving is built on) and runs a signature with `TF_SessionRun`,
@@ -21,6 +24,7 @@ import tempfile
 
 import numpy as np
 
+from keras_favor._checks import invalid
 from keras_favor.export.saved_model import SERVING_DEFAULT
 
 # TF_DataType enum values (tensorflow/c/tf_datatype.h) and numpy dtypes.
@@ -135,6 +139,29 @@ def _check(lib, status, what):
         raise RuntimeError(f"{what} failed (TF status code {code}): {message}")
 
 
+def _new_tensor(lib, value, tf_type, name):
+    """A new TF_Tensor of TF dtype enum `tf_type` holding `value` (the caller deletes it)."""
+    if tf_type not in _TF_DTYPES:
+        raise ValueError(f"Input {name!r}: unsupported TF dtype enum {tf_type}.")
+    array = np.ascontiguousarray(np.asarray(value, dtype=_TF_DTYPES[tf_type]))
+    dims = (ctypes.c_int64 * max(array.ndim, 1))(*array.shape)
+    tensor = lib.TF_AllocateTensor(tf_type, dims, array.ndim, array.nbytes)
+    if array.nbytes:
+        ctypes.memmove(lib.TF_TensorData(tensor), array.ctypes.data, array.nbytes)
+    return tensor
+
+
+def _read_tensor(lib, tensor, name):
+    """A TF_Tensor's contents, copied into a numpy array."""
+    tf_type = lib.TF_TensorType(tensor)
+    if tf_type not in _TF_DTYPES:
+        raise ValueError(f"Output {name!r}: unsupported TF dtype enum {tf_type}.")
+    shape = tuple(lib.TF_Dim(tensor, d) for d in range(lib.TF_NumDims(tensor)))
+    size = lib.TF_TensorByteSize(tensor)
+    raw = ctypes.string_at(lib.TF_TensorData(tensor), size) if size else b""
+    return np.frombuffer(raw, dtype=_TF_DTYPES[tf_type]).reshape(shape).copy()
+
+
 class SavedModelSession:
     """A SavedModel loaded and run through the TensorFlow C API, as TF Serving loads it.
 
@@ -199,12 +226,14 @@ class SavedModelSession:
         inputs, outputs, _ = self._get(signature_name)
         return sorted(inputs), sorted(outputs)
 
+    def input_dtypes(self, signature_name=SERVING_DEFAULT):
+        """dict input name -> numpy dtype of a signature's inputs."""
+        _, _, dtypes = self._get(signature_name)
+        return {name: np.dtype(_TF_DTYPES[dtype]) for name, dtype in dtypes.items()}
+
     def _get(self, signature_name):
         if signature_name not in self._signatures:
-            raise ValueError(
-                f"Received an invalid value for argument `signature_name`, expected one of "
-                f"{self.signature_names}. Received: signature_name={signature_name!r}"
-            )
+            raise invalid("signature_name", f"one of {self.signature_names}", signature_name)
         return self._signatures[signature_name]
 
     def _output(self, tensor_name):
@@ -229,9 +258,10 @@ class SavedModelSession:
         lib = self._lib
         input_map, output_map, dtypes = self._get(signature_name)
         if set(inputs) != set(input_map):
-            raise ValueError(
-                f"Signature {signature_name!r} takes inputs {sorted(input_map)}. "
-                f"Received: inputs with keys {sorted(inputs)}"
+            raise invalid(
+                "inputs",
+                f"a dict with keys {sorted(input_map)} (signature {signature_name!r})",
+                sorted(inputs),
             )
         in_names, out_names = sorted(input_map), sorted(output_map)
         in_ops = (_TFOutput * len(in_names))(*[self._output(input_map[n]) for n in in_names])
@@ -241,15 +271,7 @@ class SavedModelSession:
         status = lib.TF_NewStatus()
         try:
             for j, name in enumerate(in_names):
-                dtype = _TF_DTYPES.get(dtypes[name])
-                if dtype is None:
-                    raise ValueError(f"Input {name!r}: unsupported TF dtype enum {dtypes[name]}.")
-                array = np.ascontiguousarray(np.asarray(inputs[name], dtype=dtype))
-                dims = (ctypes.c_int64 * max(array.ndim, 1))(*array.shape)
-                tensor = lib.TF_AllocateTensor(dtypes[name], dims, array.ndim, array.nbytes)
-                in_tensors[j] = tensor
-                if array.nbytes:
-                    ctypes.memmove(lib.TF_TensorData(tensor), array.ctypes.data, array.nbytes)
+                in_tensors[j] = _new_tensor(lib, inputs[name], dtypes[name], name)
             lib.TF_SessionRun(
                 self._session,
                 None,
@@ -265,22 +287,13 @@ class SavedModelSession:
                 status,
             )
             _check(lib, status, f"Running signature {signature_name!r}")
-            results = {}
-            for j, name in enumerate(out_names):
-                tensor = out_tensors[j]
-                tf_type = lib.TF_TensorType(tensor)
-                if tf_type not in _TF_DTYPES:
-                    raise ValueError(f"Output {name!r}: unsupported TF dtype enum {tf_type}.")
-                shape = tuple(lib.TF_Dim(tensor, d) for d in range(lib.TF_NumDims(tensor)))
-                size = lib.TF_TensorByteSize(tensor)
-                raw = ctypes.string_at(lib.TF_TensorData(tensor), size) if size else b""
-                results[name] = np.frombuffer(raw, dtype=_TF_DTYPES[tf_type]).reshape(shape).copy()
-            return results
+            return {
+                name: _read_tensor(lib, out_tensors[j], name) for j, name in enumerate(out_names)
+            }
         finally:
-            for tensors in (in_tensors, out_tensors):
-                for tensor in tensors:
-                    if tensor:
-                        lib.TF_DeleteTensor(tensor)
+            for tensor in [*in_tensors, *out_tensors]:
+                if tensor:
+                    lib.TF_DeleteTensor(tensor)
             lib.TF_DeleteStatus(status)
 
     def close(self):
@@ -367,50 +380,84 @@ def _jsonable(array):
 
 
 def _rest_error(message, request):
-    text = json.dumps(request)[:200] if not isinstance(request, str) else request[:200]
-    return ValueError(f"{message} Received: request={text}")
+    text = request if isinstance(request, str) else json.dumps(request)
+    return ValueError(f"{message} Received: request={text[:200]}")
 
 
-def _to_signature_runner(model):
-    """A callable (signature_name, dict name -> np array) -> dict, plus input names/dtypes."""
-    if isinstance(model, SavedModelSession):
-
-        def run(signature_name, inputs):
-            return model.run(inputs, signature_name)
-
-        def describe(signature_name):
-            input_map, _, dtypes = model._get(signature_name)
-            return {name: np.dtype(_TF_DTYPES[dtypes[name]]) for name in input_map}
-
-        return run, describe
-    if isinstance(model, (str, os.PathLike)):
-        import tensorflow as tf  # noqa: PLC0415 (lazy)
-
-        model = tf.saved_model.load(os.fspath(model))
-    signatures = getattr(model, "signatures", None)
-    if signatures is None:
-        raise ValueError(
-            "Argument `model` must be a SavedModel directory, a loaded SavedModel "
-            f"(tf.saved_model.load) or a SavedModelSession. Received: model={model!r}"
+def _parse_request(request):
+    """The request body as a dict with exactly one of "instances" and "inputs"."""
+    if isinstance(request, (str, bytes)):
+        try:
+            request = json.loads(request)
+        except json.JSONDecodeError as error:
+            raise _rest_error(f"The request is not valid JSON: {error}.", request) from None
+    if not isinstance(request, dict):
+        raise _rest_error("The request must be a JSON object.", request)
+    if ("instances" in request) == ("inputs" in request):
+        raise _rest_error(
+            'The request must hold exactly one of "instances" (row format) or "inputs" '
+            "(columnar format).",
+            request,
         )
+    unknown = set(request) - {"instances", "inputs", "signature_name"}
+    if unknown:
+        raise _rest_error(f"Unknown request keys {sorted(unknown)}.", request)
+    return request
 
-    def get(signature_name):
-        if signature_name not in signatures:
-            raise ValueError(
-                f"Received an invalid value for argument `signature_name`, expected one of "
-                f"{sorted(signatures)}. Received: signature_name={signature_name!r}"
-            )
-        return signatures[signature_name]
 
-    def run(signature_name, inputs):
-        outputs = get(signature_name)(**inputs)
-        return {name: value.numpy() for name, value in outputs.items()}
+def _by_name(value, names, what, request):
+    """`value` as a dict input name -> value: an object with those keys, or a single input's
+    value."""
+    if isinstance(value, dict):  # a tensor value is never an object
+        if set(value) != set(names):
+            raise _rest_error(f"{what} must be an object with keys {names}.", request)
+        return value
+    if len(names) != 1:
+        raise _rest_error(
+            f"The signature has several inputs {names}: {what} must be an object input name -> "
+            "value.",
+            request,
+        )
+    return {names[0]: value}
 
-    def describe(signature_name):
-        specs = get(signature_name).structured_input_signature[1]
-        return {name: np.dtype(spec.dtype.as_numpy_dtype) for name, spec in specs.items()}
 
-    return run, describe
+def _feed(request, dtypes):
+    """dict input name -> numpy array, from either request format."""
+    names = sorted(dtypes)
+    if "instances" in request:
+        instances = request["instances"]
+        if not isinstance(instances, list) or not instances:
+            raise _rest_error('"instances" must be a non-empty list.', request)
+        rows = [_by_name(row, names, "every instance", request) for row in instances]
+        values = {name: [row[name] for row in rows] for name in names}
+    else:
+        values = _by_name(request["inputs"], names, '"inputs"', request)
+    feed = {}
+    for name in names:
+        try:
+            feed[name] = np.asarray(values[name], dtype=dtypes[name])
+        except (TypeError, ValueError) as error:
+            raise _rest_error(
+                f"Input {name!r} is not a rectangular {dtypes[name]} array ({error}).", request
+            ) from None
+    return feed
+
+
+def _response(outputs, rows):
+    """TF Serving's response body: {"predictions": ...} (rows) or {"outputs": ...}."""
+    columns = {name: _jsonable(value) for name, value in sorted(outputs.items())}
+    if not rows:
+        return {"outputs": columns.popitem()[1] if len(columns) == 1 else columns}
+    sizes = {np.shape(value)[0] if np.ndim(value) else None for value in outputs.values()}
+    if len(sizes) != 1 or None in sizes:
+        shapes = {name: np.shape(value) for name, value in outputs.items()}
+        raise ValueError(
+            "Row format needs every output to have the same batch (0th) dimension; use the "
+            f'columnar format ("inputs"). Output shapes: {shapes}'
+        )
+    if len(columns) == 1:
+        return {"predictions": columns.popitem()[1]}
+    return {"predictions": [dict(zip(columns, row)) for row in zip(*columns.values())]}
 
 
 def rest_predict(model, request, signature_name=None):
@@ -427,8 +474,8 @@ def rest_predict(model, request, signature_name=None):
     ``{"outputs": {name: value, ...}}``.
 
     Args:
-        model: a SavedModel directory, a loaded SavedModel (`tf.saved_model.load`) or a
-            `SavedModelSession`.
+        model: a `SavedModelSession`, or a SavedModel directory (loaded into one for this
+            request).
         request: the request body, a JSON str or the parsed dict.
         signature_name: overrides the request's ``"signature_name"`` (default
             ``serving_default``).
@@ -446,95 +493,12 @@ def rest_predict(model, request, signature_name=None):
     >>> rest_predict("saved_models/my_model/1", body)  # doctest: +SKIP
     {'predictions': [[[...], ...]]}
     """
-    if isinstance(request, (str, bytes)):
-        try:
-            request = json.loads(request)
-        except json.JSONDecodeError as error:
-            raise _rest_error(f"The request is not valid JSON: {error}.", request) from None
-    if not isinstance(request, dict):
-        raise _rest_error("The request must be a JSON object.", request)
-    has_rows, has_columns = "instances" in request, "inputs" in request
-    if has_rows == has_columns:
-        raise _rest_error(
-            'The request must hold exactly one of "instances" (row format) or "inputs" '
-            "(columnar format).",
-            request,
-        )
-    unknown = set(request) - {"instances", "inputs", "signature_name"}
-    if unknown:
-        raise _rest_error(f"Unknown request keys {sorted(unknown)}.", request)
+    request = _parse_request(request)
+    if isinstance(model, (str, os.PathLike)):
+        with SavedModelSession(model) as session:
+            return rest_predict(session, request, signature_name)
+    if not isinstance(model, SavedModelSession):
+        raise invalid("model", "a SavedModelSession or a SavedModel directory", model)
     signature_name = signature_name or request.get("signature_name", SERVING_DEFAULT)
-    run, describe = _to_signature_runner(model)
-    dtypes = describe(signature_name)
-    names = sorted(dtypes)
-
-    if has_rows:
-        instances = request["instances"]
-        if not isinstance(instances, list) or not instances:
-            raise _rest_error('"instances" must be a non-empty list.', request)
-        columns = {name: [] for name in names}
-        for instance in instances:
-            if isinstance(instance, dict):
-                if set(instance) != set(names):
-                    raise _rest_error(
-                        f"Every instance must be an object with keys {names}.", request
-                    )
-                for name in names:
-                    columns[name].append(instance[name])
-            elif len(names) == 1:
-                columns[names[0]].append(instance)
-            else:
-                raise _rest_error(
-                    f"The signature has several inputs {names}: every instance must be an "
-                    "object input name -> value.",
-                    request,
-                )
-        feed = {}
-        for name in names:
-            try:
-                feed[name] = np.asarray(columns[name], dtype=dtypes[name])
-            except (TypeError, ValueError) as error:
-                raise _rest_error(
-                    f"Input {name!r}: instances are not a rectangular {dtypes[name]} array "
-                    f"({error}).",
-                    request,
-                ) from None
-    else:
-        inputs = request["inputs"]
-        if isinstance(inputs, dict):  # named inputs (a tensor value is never an object)
-            if set(inputs) != set(names):
-                raise _rest_error(f'"inputs" must have keys {names}.', request)
-            values = inputs
-        elif len(names) == 1:
-            values = {names[0]: inputs}
-        else:
-            raise _rest_error(
-                f'The signature has several inputs {names}: "inputs" must be an object.', request
-            )
-        feed = {}
-        for name in names:
-            try:
-                feed[name] = np.asarray(values[name], dtype=dtypes[name])
-            except (TypeError, ValueError) as error:
-                raise _rest_error(
-                    f"Input {name!r} is not a rectangular {dtypes[name]} array ({error}).",
-                    request,
-                ) from None
-
-    outputs = run(signature_name, feed)
-    if has_columns:
-        if len(outputs) == 1:
-            return {"outputs": _jsonable(next(iter(outputs.values())))}
-        return {"outputs": {name: _jsonable(value) for name, value in sorted(outputs.items())}}
-    shapes = {name: np.shape(value) for name, value in outputs.items()}
-    sizes = {shape[0] if shape else None for shape in shapes.values()}
-    if len(sizes) != 1 or None in sizes:
-        raise ValueError(
-            "Row format needs every output to have the same batch (0th) dimension; use the "
-            f'columnar format ("inputs"). Output shapes: {shapes}'
-        )
-    if len(outputs) == 1:
-        return {"predictions": _jsonable(next(iter(outputs.values())))}
-    columns = {name: _jsonable(value) for name, value in sorted(outputs.items())}
-    (size,) = sizes
-    return {"predictions": [{name: columns[name][i] for name in columns} for i in range(size)]}
+    feed = _feed(request, model.input_dtypes(signature_name))
+    return _response(model.run(feed, signature_name), rows="instances" in request)
