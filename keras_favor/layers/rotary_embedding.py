@@ -3,16 +3,13 @@
 import keras
 from keras import ops
 
-from keras_favor._checks import positive_number
+from keras_favor._checks import invalid, is_int, positive_number
 from keras_favor.layers._positions import position_indices
 
 
 def _axis(value, name):
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(
-            f"Received an invalid value for argument `{name}`, expected an integer axis. "
-            f"Received: {name}={value!r}"
-        )
+    if not is_int(value):
+        raise invalid(name, "an integer axis", value)
     return value
 
 
