@@ -3,6 +3,7 @@
 import keras
 from keras import ops
 
+from keras_favor._checks import boolean
 from keras_favor.layers._favor_block import (
     CROSS_ATTENTION,
     CROSS_DROPOUT,
@@ -63,8 +64,17 @@ class FavorTransformerDecoder(FavorBlockBase):
         encoder_sequence: optional (B, S, E_enc) encoder outputs for cross-attention.
         decoder_padding_mask: optional (B, T) mask, True (or 1) for real tokens; combined with
             the Keras mask of `decoder_sequence`. Padded tokens are removed from the keys.
+        decoder_attention_mask: optional (B, 1, T) key padding mask of the self-attention,
+            combined with `decoder_padding_mask`. A dense (B, T, T) mask raises a ValueError:
+            FAVOR attention never forms the attention matrix (`attention_type="softmax"`
+            applies it); causal masking is `use_causal_mask`.
         encoder_padding_mask: optional (B, S) mask of the encoder outputs; combined with the
             Keras mask of `encoder_sequence`.
+        encoder_attention_mask: optional (B, 1, S) key padding mask of the cross-attention, with
+            the same rule as `decoder_attention_mask`.
+        use_causal_mask: causal self-attention (True, the default, as in keras-hub): position t
+            attends to positions 0..t only. False gives bidirectional self-attention (and `step`
+            does not apply to such a use).
         training: whether dropout is active.
 
     Returns:
@@ -135,13 +145,14 @@ class FavorTransformerDecoder(FavorBlockBase):
                 f"{tuple(encoder_sequence.shape)}"
             )
 
-    def _cross_attend(self, x, encoder_sequence, query_mask, encoder_mask, training):
+    def _cross_attend(self, x, encoder_sequence, query_mask, encoder_mask, training, mask=None):
         def attend(h):
             return self._cross_attention_layer(
                 h,
                 encoder_sequence,
                 query_mask=query_mask,
                 value_mask=encoder_mask,
+                attention_mask=mask,
                 training=training,
             )
 
@@ -154,17 +165,27 @@ class FavorTransformerDecoder(FavorBlockBase):
         decoder_sequence,
         encoder_sequence=None,
         decoder_padding_mask=None,
+        decoder_attention_mask=None,
         encoder_padding_mask=None,
+        encoder_attention_mask=None,
+        use_causal_mask=True,
         training=None,
     ):
         self._check_encoder_sequence(encoder_sequence)
+        boolean(use_causal_mask, "use_causal_mask")
         decoder_mask = merged_padding_mask(
             decoder_sequence, decoder_padding_mask, "decoder_padding_mask"
+        )
+        decoder_attention_mask = self._checked_attention_mask(
+            decoder_attention_mask, "decoder_attention_mask", decoder_sequence
         )
         encoder_mask = None
         if encoder_sequence is not None:
             encoder_mask = merged_padding_mask(
                 encoder_sequence, encoder_padding_mask, "encoder_padding_mask"
+            )
+            encoder_attention_mask = self._checked_attention_mask(
+                encoder_attention_mask, "encoder_attention_mask", encoder_sequence
             )
 
         def attend(x):
@@ -173,7 +194,8 @@ class FavorTransformerDecoder(FavorBlockBase):
                 x,
                 query_mask=decoder_mask,
                 value_mask=decoder_mask,
-                use_causal_mask=True,
+                attention_mask=decoder_attention_mask,
+                use_causal_mask=use_causal_mask,
                 training=training,
             )
 
@@ -185,7 +207,9 @@ class FavorTransformerDecoder(FavorBlockBase):
             training,
         )
         if encoder_sequence is not None:
-            x = self._cross_attend(x, encoder_sequence, decoder_mask, encoder_mask, training)
+            x = self._cross_attend(
+                x, encoder_sequence, decoder_mask, encoder_mask, training, encoder_attention_mask
+            )
         return self._feedforward(x, training)
 
     # ----------------------------------------------------------------------------------------

@@ -51,6 +51,10 @@ class FavorTransformerEncoder(FavorBlockBase):
         padding_mask: optional (B, T) mask, True (or 1) for real tokens. Padded tokens are
             removed from attention (padding equals truncation). Combined with the Keras mask of
             `inputs` if it has one (e.g. from an `Embedding(mask_zero=True)`).
+        attention_mask: optional (B, 1, T) mask, a key padding mask broadcast over queries,
+            combined with `padding_mask`. FAVOR attention never forms the (T, T) attention
+            matrix, so a dense (B, T, T) mask raises a ValueError (with
+            `attention_type="softmax"` it is applied, as in `MultiHeadAttention`).
         training: whether dropout is active.
 
     Returns:
@@ -77,12 +81,18 @@ class FavorTransformerEncoder(FavorBlockBase):
         self._build_feedforward(inputs_shape)
         self.built = True
 
-    def call(self, inputs, padding_mask=None, training=None):
+    def call(self, inputs, padding_mask=None, attention_mask=None, training=None):
         mask = merged_padding_mask(inputs, padding_mask, "padding_mask")
+        attention_mask = self._checked_attention_mask(attention_mask, "attention_mask", inputs)
 
         def attend(x):
             return self._self_attention_layer(
-                x, x, query_mask=mask, value_mask=mask, training=training
+                x,
+                x,
+                query_mask=mask,
+                value_mask=mask,
+                attention_mask=attention_mask,
+                training=training,
             )
 
         x = self._residual(
