@@ -154,7 +154,7 @@ def _divide(num, den):
 def _normalise(out):
     # (..., D+1) -> (..., D). Only an all-zero feature row gives a zero normaliser (padded or fully
     # underflowed positions); their numerator is zero too, and the output is 0 instead of NaN.
-    # `split`, not slices: a strided slice's gradient costs ~10 % of the whole backward pass on CPU.
+    # `split`, not slices: a strided slice's gradient is slow on CPU.
     num, den = ops.split(out, [out.shape[-1] - 1], axis=-1)
     return _divide(num, ops.where(ops.equal(den, 0.0), 1.0, den))
 
@@ -162,8 +162,7 @@ def _normalise(out):
 # The linear-attention cores below have hand-written gradients: the same products autodiff
 # would give, each written in the orientation that is fast on CPU with and without XLA (a
 # product whose output is only D+1 wide, or that needs a transposed copy of a (·, L, F) tensor,
-# is the slow case). Forward+backward of `favor_attention` got 15-20 % faster (L=8192). The cores
-# are linear in each argument, so these gradients are exact.
+# is the slow case). The cores are linear in each argument, so these gradients are exact.
 
 
 @ops.custom_gradient
@@ -188,9 +187,8 @@ def _chunked_core(qc, kc, vc, finite_features):
 
     Inter-chunk term φ(Q_c)·S_c with S_c = Σ_{j<c} V1_jᵀφ(K_j), plus the intra-chunk term
     (φ(Q_c)φ(K_c)ᵀ ⊙ tril)·V1_c. Returns (K, B, N, C, D+1). With the chunk axis first, the prefix
-    sums over chunks are plain 2-D matmuls over a (K, ·) view. Against (B, N, K, C, ·), a layer's
-    training step under XLA is 3-7 % faster at L = 8192-65536 and about 30 % at 262144, and the
-    longest causal runs need less memory with and without XLA.
+    sums over chunks are plain 2-D matmuls over a (K, ·) view, which is faster under XLA than the
+    (B, N, K, C, ·) layout and needs less memory on the longest causal runs.
     """
     num_chunks, chunk_size = qc.shape[0], qc.shape[3]
     if num_chunks is None:
