@@ -177,8 +177,8 @@ class FavorBlockBase(keras.layers.Layer):
         normalize_first=False,
         feature_map="softmax_positive",
         num_random_features=256,
-        orthogonal=True,
         row_norms="chi",
+        orthogonal=True,
         causal_chunk_size=128,
         use_rotary_embedding=False,
         rotary_max_wavelength=10000,
@@ -292,6 +292,35 @@ class FavorBlockBase(keras.layers.Layer):
         if not self.normalize_first:
             x = layer_norm(x)
         return x
+
+    def _attention_sub_block(self, x, layers, value, masks, training, **attention_kwargs):
+        """x + dropout(attention(x, value)) with its layer norm (self-attention: value None).
+
+        `layers` is (attention, layer norm, dropout); `masks` is (query_mask, value_mask,
+        attention_mask).
+        """
+        attention, layer_norm, dropout = layers
+        query_mask, value_mask, attention_mask = masks
+
+        def attend(h):
+            return attention(
+                h,
+                h if value is None else value,
+                query_mask=query_mask,
+                value_mask=value_mask,
+                attention_mask=attention_mask,
+                training=training,
+                **attention_kwargs,
+            )
+
+        return self._residual(x, attend, layer_norm, dropout, training)
+
+    def _self_attention_layers(self):
+        return (
+            self._self_attention_layer,
+            self._self_attention_layer_norm,
+            self._self_attention_dropout,
+        )
 
     def _feedforward(self, x, training):
         def mlp(h):

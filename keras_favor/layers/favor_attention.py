@@ -4,6 +4,8 @@ Shape legend: B batch, T query length, S key length, E model width, N heads, H k
 D value dim, M random features, F features of the feature map.
 """
 
+import inspect
+
 import keras
 from keras import ops
 
@@ -483,22 +485,21 @@ class FavorAttention(keras.layers.MultiHeadAttention):
         )
         return query_shape[:-1] + (self._output_shape or query_shape[-1:])
 
-    def compute_output_spec(
-        self,
-        query,
-        value,
-        key=None,
-        query_mask=None,
-        value_mask=None,
-        key_mask=None,
-        attention_mask=None,
-        return_attention_scores=False,
-        training=None,
-        use_causal_mask=False,
-    ):
-        masks = {"value_mask": value_mask, "key_mask": key_mask, "attention_mask": attention_mask}
-        self._validate_call(query, value, key, masks, return_attention_scores, use_causal_mask)
-        return super().compute_output_spec(query, value, key)
+    def compute_output_spec(self, *args, **kwargs):
+        # Called with the arguments of `call`: the same checks, on symbolic shapes.
+        arguments = inspect.signature(self.call).bind(*args, **kwargs).arguments
+        masks = {name: arguments.get(name) for name in ("value_mask", "key_mask", "attention_mask")}
+        self._validate_call(
+            arguments["query"],
+            arguments["value"],
+            arguments.get("key"),
+            masks,
+            arguments.get("return_attention_scores", False),
+            arguments.get("use_causal_mask", False),
+        )
+        return super().compute_output_spec(
+            arguments["query"], arguments["value"], arguments.get("key")
+        )
 
     # ----------------------------------------------------------------------------------------
     # Streaming decoding.

@@ -29,25 +29,16 @@ class FavorTransformerDecoder(FavorBlockBase):
     `encoder_sequence` then and at every later call, or never.
 
     Args:
-        intermediate_dim: the hidden size of the feed-forward network, a positive integer.
-        num_heads: the number of attention heads; it must divide the input width E. Each head
-            has size E // num_heads.
-        dropout: the dropout rate of the attention outputs (see `FavorAttention`), and of the
-            residual branches. Defaults to 0.
-        activation: the activation of the feed-forward network. Defaults to `"relu"`.
-        layer_norm_epsilon: the epsilon of the layer norms. Defaults to 1e-5.
-        kernel_initializer: initializer of the dense kernels. Defaults to `"glorot_uniform"`.
-        bias_initializer: initializer of the dense biases. Defaults to `"zeros"`.
-        normalize_first: pre-LN (True) or post-LN (False, default) residual blocks.
-        feature_map: the FAVOR feature map φ (see `FavorAttention`). Defaults to
-            `"softmax_positive"`.
-        num_random_features: M, the number of random features. Defaults to 256.
-        orthogonal: draw orthogonal random features. Defaults to True.
-        row_norms: `"chi"` (default) or `"sqrt_dim"`.
-        causal_chunk_size: C, the chunk length of the causal self-attention. Defaults to 128.
+        intermediate_dim, num_heads, dropout, activation, layer_norm_epsilon,
+        kernel_initializer, bias_initializer, normalize_first, feature_map,
+        num_random_features, row_norms, orthogonal, rotary_max_wavelength: as in
+            `FavorTransformerEncoder` (same defaults); `dropout` also drops on the
+            cross-attention branch.
+        causal_chunk_size: C, the chunk length of the exact chunked causal self-attention.
+            Defaults to 128.
         use_rotary_embedding: apply rotary position embeddings (RoPE) to the projected queries
-            and keys of the self-attention, before the feature map. Defaults to False.
-        rotary_max_wavelength: the base of the RoPE frequencies. Defaults to 10000.
+            and keys of the self-attention (not across sequences), before the feature map.
+            Defaults to False.
         seed: None or a non-negative int. An int makes the random features and dropout masks
             reproducible; self- and cross-attention (and each dropout) get distinct seeds
             derived from it. Give each block of a model its own seed.
@@ -146,19 +137,13 @@ class FavorTransformerDecoder(FavorBlockBase):
             )
 
     def _cross_attend(self, x, encoder_sequence, query_mask, encoder_mask, training, mask=None):
-        def attend(h):
-            return self._cross_attention_layer(
-                h,
-                encoder_sequence,
-                query_mask=query_mask,
-                value_mask=encoder_mask,
-                attention_mask=mask,
-                training=training,
-            )
-
-        return self._residual(
-            x, attend, self._cross_attention_layer_norm, self._cross_attention_dropout, training
+        layers = (
+            self._cross_attention_layer,
+            self._cross_attention_layer_norm,
+            self._cross_attention_dropout,
         )
+        masks = (query_mask, encoder_mask, mask)
+        return self._attention_sub_block(x, layers, encoder_sequence, masks, training)
 
     def call(
         self,
@@ -188,23 +173,13 @@ class FavorTransformerDecoder(FavorBlockBase):
                 encoder_attention_mask, "encoder_attention_mask", encoder_sequence
             )
 
-        def attend(x):
-            return self._self_attention_layer(
-                x,
-                x,
-                query_mask=decoder_mask,
-                value_mask=decoder_mask,
-                attention_mask=decoder_attention_mask,
-                use_causal_mask=use_causal_mask,
-                training=training,
-            )
-
-        x = self._residual(
+        x = self._attention_sub_block(
             decoder_sequence,
-            attend,
-            self._self_attention_layer_norm,
-            self._self_attention_dropout,
+            self._self_attention_layers(),
+            None,
+            (decoder_mask, decoder_mask, decoder_attention_mask),
             training,
+            use_causal_mask=use_causal_mask,
         )
         if encoder_sequence is not None:
             x = self._cross_attend(

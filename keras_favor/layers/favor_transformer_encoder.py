@@ -30,8 +30,8 @@ class FavorTransformerEncoder(FavorBlockBase):
         feature_map: the FAVOR feature map φ (see `FavorAttention`). Defaults to
             `"softmax_positive"`.
         num_random_features: M, the number of random features. Defaults to 256.
-        orthogonal: draw orthogonal random features. Defaults to True.
         row_norms: `"chi"` (default) or `"sqrt_dim"`.
+        orthogonal: draw orthogonal random features. Defaults to True.
         causal_chunk_size: passed to `FavorAttention` (unused by the bidirectional encoder).
             Defaults to 128.
         use_rotary_embedding: apply rotary position embeddings (RoPE) to the projected queries
@@ -85,21 +85,7 @@ class FavorTransformerEncoder(FavorBlockBase):
         mask = merged_padding_mask(inputs, padding_mask, "padding_mask")
         attention_mask = self._checked_attention_mask(attention_mask, "attention_mask", inputs)
 
-        def attend(x):
-            return self._self_attention_layer(
-                x,
-                x,
-                query_mask=mask,
-                value_mask=mask,
-                attention_mask=attention_mask,
-                training=training,
-            )
-
-        x = self._residual(
-            inputs,
-            attend,
-            self._self_attention_layer_norm,
-            self._self_attention_dropout,
-            training,
+        x = self._attention_sub_block(
+            inputs, self._self_attention_layers(), None, (mask, mask, attention_mask), training
         )
         return self._feedforward(x, training)
