@@ -31,11 +31,11 @@ class TokenAndPositionEmbedding(keras.layers.Layer):
 
     Call arguments:
         inputs: (B, T) integer token ids.
-        start_index: the position of the first token: an int, or an integer tensor of shape
-            () or (B,) (one offset per sequence, for streaming decoding). Defaults to 0.
+        start_index: the position of the first token, as in `PositionEmbedding` (int, or
+            integer tensor of shape () or (B,): one offset per sequence). Defaults to 0.
 
     Returns:
-        (B, T, E) embeddings in the layer's compute dtype.
+        The (B, T, E) sums of token and position embeddings, in the compute dtype.
 
     Example:
 
