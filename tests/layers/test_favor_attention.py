@@ -293,8 +293,8 @@ def test_loads_a_multi_head_attention_config():
     mha = keras.layers.MultiHeadAttention(2, 4, value_dim=3, output_shape=5, seed=1)
     layer = FavorAttention.from_config({**mha.get_config(), "num_random_features": 8})
     x = data(2, 6, 8)
-    mha(x, x)
-    layer(x, x)
+    mha.build(x.shape, x.shape)  # not called: on JAX its fused path rejects value_dim != key_dim
+    assert tuple(layer(x, x).shape) == (2, 6, 5)
     assert [w.shape for w in layer.weights[: len(mha.weights)]] == [w.shape for w in mha.weights]
     assert "sliding_window" not in layer.get_config() and "use_gate" not in layer.get_config()
 
