@@ -9,6 +9,7 @@ import numpy as np
 
 from keras_favor._checks import positive_int
 from keras_favor.layers.favor_attention import FavorAttention
+from keras_favor.ops.random_features import derive_seed
 
 _logger = logging.getLogger(__name__)
 
@@ -27,9 +28,7 @@ def redraw_seed(seed, redraw_index, layer_index):
     Returns:
         An int in [0, 2**31).
     """
-    message = f"{int(seed)}:{int(redraw_index)}:{int(layer_index)}".encode()
-    digest = hashlib.blake2b(message, digest_size=8, person=b"kf-redraw").digest()
-    return int.from_bytes(digest, "little") & 0x7FFFFFFF
+    return derive_seed(seed, int(redraw_index), int(layer_index))
 
 
 def _walk_layers(layer, seen, found):

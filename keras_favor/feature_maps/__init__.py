@@ -2,6 +2,7 @@
 
 import keras
 
+from keras_favor._checks import invalid
 from keras_favor.feature_maps.elu import ELU
 from keras_favor.feature_maps.feature_map import ExponentialFeatureMap, FeatureMap
 from keras_favor.feature_maps.relu import ReLU
@@ -61,16 +62,13 @@ def get(identifier):
     if isinstance(identifier, str):
         if identifier in ALIASES:
             return ALIASES[identifier]()
-        raise ValueError(
-            "Received an invalid value for argument `feature_map`, expected one of "
-            f"{sorted(ALIASES)}, a config dict or a FeatureMap instance. "
-            f"Received: feature_map={identifier!r}"
+        raise invalid(
+            "feature_map",
+            f"one of {sorted(ALIASES)}, a config dict or a FeatureMap instance",
+            identifier,
         )
     if isinstance(identifier, dict):
         obj = deserialize(identifier)
         if isinstance(obj, FeatureMap):
             return obj
-    raise ValueError(
-        "Received an invalid value for argument `feature_map`, expected a name, a config dict or a "
-        f"FeatureMap instance. Received: feature_map={identifier!r}"
-    )
+    raise invalid("feature_map", "a name, a config dict or a FeatureMap instance", identifier)

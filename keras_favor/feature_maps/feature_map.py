@@ -20,13 +20,31 @@ def _scaled_projection(projection_matrix, key_dim):
     return ops.cast(projection_matrix, "float32") * (float(key_dim) ** -0.25)
 
 
+# Sizes of the symbolic probe that tells whether a map uses random features, when no layer has
+# probed it with its own sizes yet (any small sizes do: the probe computes no data).
+_PROBE_KEY_DIM = 4
+_PROBE_RANDOM_FEATURES = 8
+
+
+def _overrides(feature_map, name):
+    return getattr(type(feature_map), name) is not getattr(FeatureMap, name)
+
+
 @keras.saving.register_keras_serializable(package="keras_favor")
 class FeatureMap:
     """Base class of feature maps; subclass it for a map of your own.
 
-    A simple map overrides `features(x, projection_matrix, is_query)` (and `output_dim`, and
-    `uses_random_features` if it consumes a projection). Maps whose query and key features interact
-    (stabilisers, data-dependent parameters) override `__call__` instead. Register a subclass with
+    A simple map overrides only `features(x, projection_matrix, *, is_query)`; maps whose query
+    and key features interact (stabilisers, data-dependent parameters) override `__call__`
+    instead. What a map does not declare is inferred by running it once on symbolic inputs
+    (`keras.KerasTensor`: shapes only, no data), when a layer is built around it:
+
+    - `uses_random_features`: True when the map fails without a projection matrix ω (M, H) and
+      runs with one;
+    - `output_dim(key_dim, num_random_features)`: the number of features F it returns.
+
+    Override them to declare them instead (a map that cannot run on symbolic inputs must). A map
+    that runs neither way raises a ValueError naming what to define. Register a subclass with
     `keras.saving.register_keras_serializable` and give it a complete `get_config` so that models
     using it save and load.
 
@@ -36,16 +54,81 @@ class FeatureMap:
     ... class Squared(FeatureMap):
     ...     def features(self, x, projection_matrix=None, *, is_query):
     ...         return ops.square(x) + 1e-3
+    >>> Squared().output_dim(key_dim=8), Squared().uses_random_features
+    (8, False)
     """
 
     @property
     def uses_random_features(self):
-        """Whether the map consumes a random projection matrix ω of shape (M, H)."""
-        return False
+        """Whether the map consumes a random projection matrix ω of shape (M, H).
+
+        Inferred by a symbolic probe unless a subclass overrides it (see the class docstring).
+        """
+        probes = self.__dict__.get("_probes")
+        if probes:  # a layer probed it with its own sizes already
+            return next(iter(probes.values()))[0]
+        return self._probe(_PROBE_KEY_DIM, _PROBE_RANDOM_FEATURES)[0]
 
     def output_dim(self, key_dim, num_random_features=None):
-        """The number of features F the map returns for key dim H and M random features."""
-        return key_dim
+        """The number of features F the map returns for key dim H and M random features.
+
+        Inferred by a symbolic probe unless a subclass overrides it (see the class docstring).
+        """
+        uses_random_features, dim = self._probe(key_dim, num_random_features)
+        if uses_random_features and num_random_features is None:
+            raise ValueError(
+                f"feature_map={self!r} uses random features: its `output_dim` needs "
+                "`num_random_features`. Received: num_random_features=None"
+            )
+        return dim
+
+    def _probe(self, key_dim, num_random_features):
+        """(uses_random_features, F) from a symbolic call on (1, 1, 2, H) queries and keys."""
+        probes = self.__dict__.setdefault("_probes", {})
+        sizes = (key_dim, num_random_features)
+        if sizes not in probes:
+            probes[sizes] = self._run_probe(key_dim, num_random_features or _PROBE_RANDOM_FEATURES)
+        return probes[sizes]
+
+    def _run_probe(self, key_dim, num_random_features):
+        x = keras.KerasTensor((1, 1, 2, key_dim), dtype="float32")  # (B, N, L, H)
+        omega = keras.KerasTensor((num_random_features, key_dim), dtype="float32")  # (M, H)
+        declared = _overrides(self, "uses_random_features")
+        errors = {}
+        for uses in (self.uses_random_features,) if declared else (False, True):
+            try:
+                q_feat, k_feat = self(x, x, omega if uses else None)
+            except Exception as error:  # user code: any failure is reported below, as the cause
+                errors[uses] = error
+                continue
+            return uses, self._probed_dim(q_feat, k_feat, key_dim, num_random_features)
+        tried = "; ".join(
+            f"with projection_matrix={'(M, H)' if uses else None}: {type(e).__name__}: {e}"
+            for uses, e in errors.items()
+        )
+        if declared and not self.uses_random_features:
+            advice = "if it consumes `projection_matrix`, define `uses_random_features` as True"
+        else:
+            advice = (
+                "a map must run on float32 (..., H) tensors with or without ω; define "
+                "`uses_random_features` and `output_dim(key_dim, num_random_features)` if it "
+                "cannot run on symbolic inputs"
+            )
+        raise ValueError(
+            f"Feature map {self!r} failed on symbolic queries and keys of shape "
+            f"(1, 1, 2, {key_dim}) ({tried}): {advice}."
+        ) from next(iter(errors.values()))
+
+    def _probed_dim(self, q_feat, k_feat, key_dim, num_random_features):
+        q_shape, k_shape = tuple(q_feat.shape), tuple(k_feat.shape)
+        if len(q_shape) != 4 or q_shape != k_shape or not isinstance(q_shape[-1], int):
+            raise ValueError(
+                f"Feature map {self!r} must return (..., F) features of (..., H) queries and keys "
+                "alike, with F a fixed number (`output_dim`). Received: for inputs of shape "
+                f"(1, 1, 2, {key_dim}) and M={num_random_features}, query features of shape "
+                f"{q_shape} and key features of shape {k_shape}"
+            )
+        return q_shape[-1]
 
     def features(self, x, projection_matrix=None, *, is_query):
         """Features of x (..., H) → (..., F). Override this for a simple, per-token map."""

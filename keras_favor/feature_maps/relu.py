@@ -3,6 +3,7 @@
 import keras
 from keras import ops
 
+from keras_favor._checks import boolean, non_negative_number
 from keras_favor.feature_maps.feature_map import FeatureMap, _scaled_projection
 
 
@@ -25,16 +26,8 @@ class ReLU(FeatureMap):
     """
 
     def __init__(self, random_features=True, epsilon=1e-3):
-        if not isinstance(random_features, bool):
-            raise ValueError(
-                "Received an invalid value for argument `random_features`, expected a bool. "
-                f"Received: random_features={random_features!r}"
-            )
-        if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or epsilon < 0:
-            raise ValueError(
-                "Received an invalid value for argument `epsilon`, expected a non-negative number. "
-                f"Received: epsilon={epsilon!r}"
-            )
+        boolean(random_features, "random_features")
+        non_negative_number(epsilon, "epsilon")
         self.random_features = random_features
         self.epsilon = float(epsilon)
 

@@ -3,6 +3,7 @@
 import keras
 from keras import ops
 
+from keras_favor._checks import non_negative_number
 from keras_favor.feature_maps.feature_map import ExponentialFeatureMap, half_squared_norm
 
 
@@ -28,13 +29,7 @@ class SoftmaxOptimal(ExponentialFeatureMap):
     """
 
     def __init__(self, rho=None):
-        if rho is not None and (
-            isinstance(rho, bool) or not isinstance(rho, (int, float)) or rho < 0
-        ):
-            raise ValueError(
-                "Received an invalid value for argument `rho`, expected None or a non-negative "
-                f"number. Received: rho={rho!r}"
-            )
+        non_negative_number(rho, "rho", allow_none=True)
         self.rho = None if rho is None else float(rho)
 
     def get_config(self):

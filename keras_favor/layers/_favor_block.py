@@ -3,15 +3,21 @@
 import keras
 
 from keras_favor import feature_maps as feature_maps_lib
-from keras_favor._checks import invalid, positive_int, positive_number
-from keras_favor.layers._rotary_favor_attention import RotaryFavorAttention
+from keras_favor._checks import (
+    boolean,
+    keras_object,
+    one_of,
+    positive_int,
+    positive_number,
+    rate,
+)
+from keras_favor._checks import seed as check_seed
+from keras_favor.layers._masks import check_attention_mask
+from keras_favor.layers._rotary_attention import RotaryFavorAttention, RotaryMultiHeadAttention
 from keras_favor.layers.favor_attention import FavorAttention
-from keras_favor.layers.rotary_embedding import apply_rotary_embedding
-from keras_favor.ops.random_features import ROW_NORMS
+from keras_favor.ops.random_features import ROW_NORMS, derive_seed
 
 # Sub-seeds of a block: index 0 self-attention, 1 cross-attention, 2.. dropouts.
-_SEED_MULTIPLIER = 0x9E3779B1
-_INDEX_MULTIPLIER = 0x632BE5AB
 SELF_ATTENTION, CROSS_ATTENTION, ATTENTION_DROPOUT, CROSS_DROPOUT, FEEDFORWARD_DROPOUT = range(5)
 
 # "favor": FavorAttention (linear in length). "softmax": keras.layers.MultiHeadAttention, exact
@@ -20,15 +26,9 @@ SELF_ATTENTION, CROSS_ATTENTION, ATTENTION_DROPOUT, CROSS_DROPOUT, FEEDFORWARD_D
 ATTENTION_TYPES = ("favor", "softmax")
 
 
-def derive_seed(seed, index):
-    """A distinct, reproducible seed per sub-layer of a block (None stays None).
-
-    A hash-like mix, so that blocks seeded 0, 1, 2, ... give no sub-layer the seed of another
-    block's sub-layer.
-    """
-    if seed is None:
-        return None
-    return (seed * _SEED_MULTIPLIER + (index + 1) * _INDEX_MULTIPLIER) % (2**31 - 1)
+def sub_seed(seed, index):
+    """A distinct, reproducible seed per sub-layer of a block (None stays None)."""
+    return None if seed is None else derive_seed(seed, "block", index)
 
 
 def validate_block_args(
@@ -54,40 +54,27 @@ def validate_block_args(
     """Checks every argument of a block; returns (activation, kernel_init, bias_init, map)."""
     positive_int(intermediate_dim, "intermediate_dim")
     positive_int(num_heads, "num_heads")
-    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
-        raise invalid("dropout", "a number in [0, 1)", dropout)
-    try:
-        activation = keras.activations.get(activation)
-    except (ValueError, TypeError) as error:
-        raise invalid("activation", f"an activation name or callable ({error})", activation)
+    rate(dropout, "dropout")
+    activation = keras_object(keras.activations, activation, "activation", "an activation")
     positive_number(layer_norm_epsilon, "layer_norm_epsilon")
-    initializers = []
-    for name, value in (
-        ("kernel_initializer", kernel_initializer),
-        ("bias_initializer", bias_initializer),
-    ):
-        try:
-            initializers.append(keras.initializers.get(value))
-        except (ValueError, TypeError) as error:
-            raise invalid(name, f"an initializer ({error})", value)
-    for name, value in (
-        ("normalize_first", normalize_first),
-        ("orthogonal", orthogonal),
-        ("use_rotary_embedding", use_rotary_embedding),
-    ):
-        if not isinstance(value, bool):
-            raise invalid(name, "a bool", value)
+    kernel_initializer, bias_initializer = (
+        keras_object(keras.initializers, value, name, "an initializer")
+        for name, value in (
+            ("kernel_initializer", kernel_initializer),
+            ("bias_initializer", bias_initializer),
+        )
+    )
+    boolean(normalize_first, "normalize_first")
+    boolean(orthogonal, "orthogonal")
+    boolean(use_rotary_embedding, "use_rotary_embedding")
     feature_map = feature_maps_lib.get(feature_map)
     positive_int(num_random_features, "num_random_features")
-    if row_norms not in ROW_NORMS:
-        raise invalid("row_norms", f"one of {ROW_NORMS}", row_norms)
+    one_of(row_norms, ROW_NORMS, "row_norms")
     positive_int(causal_chunk_size, "causal_chunk_size")
     positive_number(rotary_max_wavelength, "rotary_max_wavelength")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
-        raise invalid("seed", "None or a non-negative integer", seed)
-    if not isinstance(attention_type, str) or attention_type not in ATTENTION_TYPES:
-        raise invalid("attention_type", f"one of {ATTENTION_TYPES}", attention_type)
-    return activation, initializers[0], initializers[1], feature_map
+    check_seed(seed)
+    one_of(attention_type, ATTENTION_TYPES, "attention_type")
+    return activation, kernel_initializer, bias_initializer, feature_map
 
 
 def clone_initializer(initializer):
@@ -117,28 +104,6 @@ def hidden_dim_of(shape, name, num_heads, use_rotary_embedding):
     return hidden_dim, key_dim
 
 
-class RotaryMultiHeadAttention(keras.layers.MultiHeadAttention):
-    """`keras.layers.MultiHeadAttention` whose projected queries and keys are rotated (RoPE).
-
-    The exact counterpart of `RotaryFavorAttention` (positions 0..L-1 for queries and keys, the
-    rotation applied after the projections), with the same weights. Internal to the blocks,
-    which rebuild it from their own config.
-    """
-
-    def __init__(self, *args, rotary_max_wavelength=10000, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.rotary_max_wavelength = rotary_max_wavelength
-
-    def _compute_attention(self, query, key, value, *args, **kwargs):
-        # query (B, T, N, H), key (B, S, N, H): rotate, then exact softmax attention.
-        query = apply_rotary_embedding(query, 0, max_wavelength=self.rotary_max_wavelength)
-        key = apply_rotary_embedding(key, 0, max_wavelength=self.rotary_max_wavelength)
-        return super()._compute_attention(query, key, value, *args, **kwargs)
-
-    def get_config(self):
-        return {**super().get_config(), "rotary_max_wavelength": self.rotary_max_wavelength}
-
-
 def make_attention(block, key_dim, seed_index, name, rotary):
     """The block's attention layer (RoPE-capable if `rotary`).
 
@@ -152,7 +117,7 @@ def make_attention(block, key_dim, seed_index, name, rotary):
         dropout=block.dropout,
         kernel_initializer=clone_initializer(block.kernel_initializer),
         bias_initializer=clone_initializer(block.bias_initializer),
-        seed=derive_seed(block.seed, seed_index),
+        seed=sub_seed(block.seed, seed_index),
         dtype=block.dtype_policy,
         name=name,
     )
@@ -212,8 +177,8 @@ class FavorBlockBase(keras.layers.Layer):
         normalize_first=False,
         feature_map="softmax_positive",
         num_random_features=256,
-        orthogonal=True,
         row_norms="chi",
+        orthogonal=True,
         causal_chunk_size=128,
         use_rotary_embedding=False,
         rotary_max_wavelength=10000,
@@ -260,6 +225,13 @@ class FavorBlockBase(keras.layers.Layer):
         self.attention_type = attention_type
         self.supports_masking = True
 
+    def _checked_attention_mask(self, mask, name, keys):
+        """`mask` for an attention sub-layer whose keys are `keys` (B, S, E). FAVOR attention
+        applies only a (B, 1, S) key padding mask: checked here, under the caller's name."""
+        if mask is not None and self.attention_type == "favor":
+            check_attention_mask(mask, name, keys.shape[0], keys.shape[1])
+        return mask
+
     def _build_self_attention(self, shape, name):
         """Builds the self-attention sub-layer, its layer norm and dropout; returns the key dim."""
         _, key_dim = hidden_dim_of(shape, name, self.num_heads, self.use_rotary_embedding)
@@ -283,7 +255,7 @@ class FavorBlockBase(keras.layers.Layer):
     def _dropout_layer(self, name, seed_index):
         return keras.layers.Dropout(
             rate=self.dropout,
-            seed=derive_seed(self.seed, seed_index),
+            seed=sub_seed(self.seed, seed_index),
             dtype=self.dtype_policy,
             name=name,
         )
@@ -320,6 +292,35 @@ class FavorBlockBase(keras.layers.Layer):
         if not self.normalize_first:
             x = layer_norm(x)
         return x
+
+    def _attention_sub_block(self, x, layers, value, masks, training, **attention_kwargs):
+        """x + dropout(attention(x, value)) with its layer norm (self-attention: value None).
+
+        `layers` is (attention, layer norm, dropout); `masks` is (query_mask, value_mask,
+        attention_mask).
+        """
+        attention, layer_norm, dropout = layers
+        query_mask, value_mask, attention_mask = masks
+
+        def attend(h):
+            return attention(
+                h,
+                h if value is None else value,
+                query_mask=query_mask,
+                value_mask=value_mask,
+                attention_mask=attention_mask,
+                training=training,
+                **attention_kwargs,
+            )
+
+        return self._residual(x, attend, layer_norm, dropout, training)
+
+    def _self_attention_layers(self):
+        return (
+            self._self_attention_layer,
+            self._self_attention_layer_norm,
+            self._self_attention_dropout,
+        )
 
     def _feedforward(self, x, training):
         def mlp(h):

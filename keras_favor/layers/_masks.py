@@ -29,3 +29,24 @@ def merged_padding_mask(sequence, explicit, name):
         return explicit
     implicit = ops.cast(implicit, "bool")
     return implicit if explicit is None else ops.logical_and(implicit, explicit)
+
+
+def check_attention_mask(mask, name, batch, key_length):
+    """Raises a ValueError naming `name` unless `mask` is a (batch, 1, key_length) key padding
+    mask, the only `attention_mask` linear attention can apply; None dims match."""
+    shape = tuple(mask.shape)
+    if len(shape) == 3 and shape[1] == 1:
+        if all(
+            a is None or b is None or a == b for a, b in ((shape[0], batch), (shape[2], key_length))
+        ):
+            return
+        expected = (
+            f"a key padding mask of shape (batch, 1, key_length) = ({batch}, 1, {key_length})"
+        )
+    else:
+        expected = (
+            "a key padding mask of shape (batch, 1, key_length): linear attention never forms "
+            "the (T, S) attention matrix, so it cannot mask individual query-key pairs; use "
+            "padding masks for padding and `use_causal_mask=True` for causal attention"
+        )
+    raise ValueError(f"Argument `{name}` must be {expected}. Received: {name}.shape={shape}")

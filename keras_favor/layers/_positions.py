@@ -1,6 +1,17 @@
-"""Shared helpers of the position layers: position indices."""
+"""Shared pieces of the position layers: position indices and a shape-preserving base layer."""
 
+import keras
 from keras import ops
+
+
+class PositionLayer(keras.layers.Layer):
+    """Base of the position layers: the output has the input's shape and keeps its mask."""
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def compute_mask(self, inputs, mask=None):
+        return mask
 
 
 def position_indices(start_index, length):

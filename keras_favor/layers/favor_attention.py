@@ -4,33 +4,28 @@ Shape legend: B batch, T query length, S key length, E model width, N heads, H k
 D value dim, M random features, F features of the feature map.
 """
 
-import keras
-from keras import constraints, initializers, ops, regularizers
+import inspect
 
+import keras
+from keras import ops
+
+from keras_favor import _checks
 from keras_favor import feature_maps as feature_maps_lib
-from keras_favor._checks import invalid, is_int, positive_int
-from keras_favor.layers._masks import get_keras_mask, set_keras_mask
+from keras_favor.layers._masks import check_attention_mask, get_keras_mask, set_keras_mask
 from keras_favor.ops.linear_attention import (
     check_padding_mask,
     favor_attention,
     favor_attention_step,
     favor_initial_state,
 )
-from keras_favor.ops.random_features import ROW_NORMS, random_features_matrix
+from keras_favor.ops.random_features import ROW_NORMS, derive_seed, random_features_matrix
 
-# Derived seeds for redraws of a layer with an explicit integer seed (see `_draw_seed`).
-_SEED_MULTIPLIER = 0x9E3779B1
-_COUNT_MULTIPLIER = 0x85EBCA77
-
-
-def _get_or_raise(module, identifier, name):
-    try:
-        return module.get(identifier)
-    except (ValueError, TypeError) as error:
-        raise ValueError(
-            f"Received an invalid value for argument `{name}` ({error}). "
-            f"Received: {name}={identifier!r}"
-        ) from error
+# MultiHeadAttention arguments with no FAVOR counterpart: the values accepted (they change nothing).
+_INERT_MHA_ARGUMENTS = {
+    "sliding_window": (None,),
+    "use_gate": (False,),
+    "flash_attention": (None, False),
+}
 
 
 def _count_dtype():
@@ -43,26 +38,59 @@ def _count_dtype():
     return "int64"
 
 
-def _proj_equation(free_dims, bound_dims, output_dims):
-    """Einsum equation, bias axes and output rank of a MultiHeadAttention projection."""
-    letters = "abcdefghijklmnopqrstuvwxyz"
-    free = letters[:free_dims]
-    bound = letters[free_dims : free_dims + bound_dims]
-    out = letters[free_dims + bound_dims : free_dims + bound_dims + output_dims]
-    return f"{free}{bound},{bound}{out}->{free}{out}", out, free_dims + output_dims
+def _output_shape(output_shape):
+    if output_shape is None:
+        return None
+    shape = (output_shape,) if _checks.is_int(output_shape) else output_shape
+    if (
+        not isinstance(shape, (tuple, list))
+        or not shape
+        or not all(_checks.is_int(d) and d > 0 for d in shape)
+    ):
+        raise _checks.invalid(
+            "output_shape", "None, a positive int or a tuple of positive ints", output_shape
+        )
+    return tuple(shape)
 
 
-def _output_shape_spec(output_rank, known_last_dims):
-    return [None] * (output_rank - len(known_last_dims)) + list(known_last_dims)
+def _attention_axes(attention_axes):
+    # The sequence axis of (B, L, E) inputs is 1 (or -2); stored as None or (1,).
+    axes = (attention_axes,) if _checks.is_int(attention_axes) else attention_axes
+    if axes is None or (isinstance(axes, (tuple, list)) and list(axes) in ([1], [-2])):
+        return None if axes is None else (1,)
+    raise _checks.invalid(
+        "attention_axes",
+        "None or the sequence axis of (batch, length, features) inputs (1, -2 or (1,)): FAVOR "
+        "attends over that one axis",
+        attention_axes,
+    )
+
+
+def _check_inert_arguments(kwargs):
+    for name, accepted in _INERT_MHA_ARGUMENTS.items():
+        if name in kwargs:
+            value = kwargs.pop(name)
+            if not any(value is a for a in accepted):
+                raise _checks.invalid(
+                    name,
+                    f"one of {accepted}: FavorAttention (linear attention) does not support "
+                    f"MultiHeadAttention's `{name}`",
+                    value,
+                )
+
+
+def _read_only(name):
+    # MultiHeadAttention keeps these arguments as private attributes only.
+    return property(lambda self: getattr(self, f"_{name}"), doc=f"The `{name}` argument.")
 
 
 @keras.saving.register_keras_serializable(package="keras_favor")
-class FavorAttention(keras.layers.Layer):
+class FavorAttention(keras.layers.MultiHeadAttention):
     """Multi-head attention with FAVOR+ random features: time and memory linear in length.
 
     A drop-in for `keras.layers.MultiHeadAttention` in self- and cross-attention on (B, L, E)
-    inputs. Queries, keys and values are projected exactly as in `MultiHeadAttention` (same
-    sub-layers, shapes and order, so a trained `MultiHeadAttention`'s weights load into it), but
+    inputs, and a subclass of it: queries, keys and values are projected by its sub-layers (same
+    shapes and order, so a trained `MultiHeadAttention`'s weights load into it), but
     softmax(QKᵀ/√H)V is replaced by D⁻¹ φ(Q) (φ(K)ᵀ V), where φ is a feature map whose inner
     products estimate (or replace) the softmax kernel. The T×S attention matrix is never formed.
 
@@ -113,7 +141,12 @@ class FavorAttention(keras.layers.Layer):
             `keras_favor.ops.random_features_matrix(num_random_features, key_dim, seed=seed)` and
             every redraw without a seed of its own is a fixed function of `seed` and
             `redraw_count`. Also seeds the dropout.
-        **kwargs: base layer arguments (`name`, `dtype`, `trainable`, ...).
+        attention_axes: None, or the sequence axis of (B, L, E) inputs (`1`, `-2`, `(1,)`): FAVOR
+            attends over that one axis. Any other value raises a ValueError.
+        **kwargs: base layer arguments (`name`, `dtype`, `trainable`, ...). Of
+            `MultiHeadAttention`'s other arguments, only the values that change nothing are
+            accepted (`sliding_window=None`, `use_gate=False`, `flash_attention=None` or False):
+            linear attention has no band mask, gate or flash kernel.
 
     Call arguments:
         query: (B, T, E_q).
@@ -154,6 +187,13 @@ class FavorAttention(keras.layers.Layer):
         Choromanski et al., Rethinking Attention with Performers, arXiv 2009.14794.
     """
 
+    kernel_initializer = _read_only("kernel_initializer")
+    bias_initializer = _read_only("bias_initializer")
+    kernel_regularizer = _read_only("kernel_regularizer")
+    bias_regularizer = _read_only("bias_regularizer")
+    kernel_constraint = _read_only("kernel_constraint")
+    bias_constraint = _read_only("bias_constraint")
+
     def __init__(
         self,
         num_heads,
@@ -175,257 +215,93 @@ class FavorAttention(keras.layers.Layer):
         row_norms="chi",
         causal_chunk_size=128,
         seed=None,
+        attention_axes=None,
         **kwargs,
     ):
-        positive_int(num_heads, "num_heads")
-        positive_int(key_dim, "key_dim")
-        if value_dim is not None:
-            positive_int(value_dim, "value_dim")
-        if (
-            isinstance(dropout, bool)
-            or not isinstance(dropout, (int, float))
-            or not 0.0 <= dropout < 1.0
+        _checks.positive_int(num_heads, "num_heads")
+        _checks.positive_int(key_dim, "key_dim")
+        _checks.positive_int(value_dim, "value_dim", allow_none=True)
+        dropout = _checks.rate(dropout, "dropout")
+        _checks.boolean(use_bias, "use_bias")
+        keras_objects = {}
+        for name, module, what, value in (
+            ("kernel_initializer", keras.initializers, "an initializer", kernel_initializer),
+            ("bias_initializer", keras.initializers, "an initializer", bias_initializer),
+            ("kernel_regularizer", keras.regularizers, "a regularizer", kernel_regularizer),
+            ("bias_regularizer", keras.regularizers, "a regularizer", bias_regularizer),
+            ("activity_regularizer", keras.regularizers, "a regularizer", activity_regularizer),
+            ("kernel_constraint", keras.constraints, "a constraint", kernel_constraint),
+            ("bias_constraint", keras.constraints, "a constraint", bias_constraint),
         ):
-            raise invalid("dropout", "a number in [0, 1)", dropout)
-        if not isinstance(use_bias, bool):
-            raise invalid("use_bias", "a bool", use_bias)
-        if output_shape is not None:
-            shape = (output_shape,) if is_int(output_shape) else output_shape
-            if (
-                not isinstance(shape, (tuple, list))
-                or not shape
-                or not all(is_int(d) and d > 0 for d in shape)
-            ):
-                raise invalid(
-                    "output_shape", "None, a positive int or a tuple of positive ints", output_shape
-                )
-            output_shape = tuple(shape)
-        kernel_initializer = _get_or_raise(initializers, kernel_initializer, "kernel_initializer")
-        bias_initializer = _get_or_raise(initializers, bias_initializer, "bias_initializer")
-        kernel_regularizer = _get_or_raise(regularizers, kernel_regularizer, "kernel_regularizer")
-        bias_regularizer = _get_or_raise(regularizers, bias_regularizer, "bias_regularizer")
-        activity_regularizer = _get_or_raise(
-            regularizers, activity_regularizer, "activity_regularizer"
-        )
-        kernel_constraint = _get_or_raise(constraints, kernel_constraint, "kernel_constraint")
-        bias_constraint = _get_or_raise(constraints, bias_constraint, "bias_constraint")
+            keras_objects[name] = _checks.keras_object(module, value, name, what)
         feature_map = feature_maps_lib.get(feature_map)
-        positive_int(num_random_features, "num_random_features")
-        if not isinstance(orthogonal, bool):
-            raise invalid("orthogonal", "a bool", orthogonal)
-        if row_norms not in ROW_NORMS:
-            raise invalid("row_norms", f"one of {ROW_NORMS}", row_norms)
-        positive_int(causal_chunk_size, "causal_chunk_size")
-        if seed is not None and (not is_int(seed) or seed < 0):
-            raise invalid("seed", "None or a non-negative integer", seed)
+        _checks.positive_int(num_random_features, "num_random_features")
+        _checks.boolean(orthogonal, "orthogonal")
+        _checks.one_of(row_norms, ROW_NORMS, "row_norms")
+        _checks.positive_int(causal_chunk_size, "causal_chunk_size")
+        _checks.seed(seed)
+        _check_inert_arguments(kwargs)
+        # What the map does not declare is inferred now, so that a map that cannot run fails here.
+        feature_map.output_dim(key_dim, num_random_features)
 
-        super().__init__(**kwargs)
-        self.supports_masking = True
-        self._num_heads = num_heads
-        self._key_dim = key_dim
-        self._value_dim = value_dim if value_dim is not None else key_dim
-        self._dropout = float(dropout)
-        self._use_bias = use_bias
-        # Not exposed as `output_shape`: Functional / Sequential summaries read that attribute
-        # (the same choice as MultiHeadAttention).
-        self._output_shape = output_shape
-        self._kernel_initializer = kernel_initializer
-        self._bias_initializer = bias_initializer
-        self._kernel_regularizer = kernel_regularizer
-        self._bias_regularizer = bias_regularizer
-        # As in MultiHeadAttention, the base layer's `activity_regularizer` stays None: the
-        # projections apply it.
-        self._activity_regularizer = activity_regularizer
-        self._kernel_constraint = kernel_constraint
-        self._bias_constraint = bias_constraint
-        self._feature_map = feature_map
-        self._num_random_features = num_random_features
-        self._orthogonal = orthogonal
-        self._row_norms = row_norms
-        self._causal_chunk_size = causal_chunk_size
-        self._seed = seed
+        super().__init__(
+            num_heads,
+            key_dim,
+            value_dim=value_dim,
+            dropout=0.0,  # set below: MultiHeadAttention refuses dropout if flash attention is on
+            use_bias=use_bias,
+            output_shape=_output_shape(output_shape),
+            attention_axes=_attention_axes(attention_axes),
+            seed=seed,
+            **keras_objects,
+            **kwargs,
+        )
+        self._dropout = dropout
+        self.feature_map = feature_map
+        self.num_random_features = num_random_features
+        self.orthogonal = orthogonal
+        self.row_norms = row_norms
+        self.causal_chunk_size = causal_chunk_size
         # Only an unseeded layer draws from a generator; a seeded one derives its seeds.
         self._seed_generator = keras.random.SeedGenerator(None) if seed is None else None
         self.projection_matrix = None
         self.redraw_count = None
 
-    # ----------------------------------------------------------------------------------------
-    # Arguments, read-only.
-
-    @property
-    def num_heads(self):
-        return self._num_heads
-
-    @property
-    def key_dim(self):
-        return self._key_dim
-
-    @property
-    def value_dim(self):
-        return self._value_dim
-
-    @property
-    def dropout(self):
-        return self._dropout
-
-    @property
-    def use_bias(self):
-        return self._use_bias
-
-    @property
-    def kernel_initializer(self):
-        return self._kernel_initializer
-
-    @property
-    def bias_initializer(self):
-        return self._bias_initializer
-
-    @property
-    def kernel_regularizer(self):
-        return self._kernel_regularizer
-
-    @property
-    def bias_regularizer(self):
-        return self._bias_regularizer
-
-    @property
-    def kernel_constraint(self):
-        return self._kernel_constraint
-
-    @property
-    def bias_constraint(self):
-        return self._bias_constraint
-
-    @property
-    def feature_map(self):
-        return self._feature_map
-
-    @property
-    def num_random_features(self):
-        return self._num_random_features
-
-    @property
-    def orthogonal(self):
-        return self._orthogonal
-
-    @property
-    def row_norms(self):
-        return self._row_norms
-
-    @property
-    def causal_chunk_size(self):
-        return self._causal_chunk_size
-
-    @property
-    def seed(self):
-        return self._seed
-
-    @property
-    def query_dense(self):
-        return self._query_dense
-
-    @property
-    def key_dense(self):
-        return self._key_dense
-
-    @property
-    def value_dense(self):
-        return self._value_dense
-
-    @property
-    def output_dense(self):
-        return self._output_dense
-
     @property
     def uses_random_features(self):
         """Whether the feature map consumes the random projection `projection_matrix`."""
-        return self._feature_map.uses_random_features
+        return self.feature_map.uses_random_features
 
     def get_config(self):
-        config = {
-            "num_heads": self._num_heads,
-            "key_dim": self._key_dim,
-            "value_dim": self._value_dim,
-            "dropout": self._dropout,
-            "use_bias": self._use_bias,
-            "output_shape": self._output_shape,
-            "kernel_initializer": initializers.serialize(self._kernel_initializer),
-            "bias_initializer": initializers.serialize(self._bias_initializer),
-            "kernel_regularizer": regularizers.serialize(self._kernel_regularizer),
-            "bias_regularizer": regularizers.serialize(self._bias_regularizer),
-            "activity_regularizer": regularizers.serialize(self._activity_regularizer),
-            "kernel_constraint": constraints.serialize(self._kernel_constraint),
-            "bias_constraint": constraints.serialize(self._bias_constraint),
-            "feature_map": feature_maps_lib.serialize(self._feature_map),
-            "num_random_features": self._num_random_features,
-            "orthogonal": self._orthogonal,
-            "row_norms": self._row_norms,
-            "causal_chunk_size": self._causal_chunk_size,
-            "seed": self._seed,
+        config = super().get_config()
+        for name in _INERT_MHA_ARGUMENTS:
+            config.pop(name, None)
+        return {
+            **config,
+            "feature_map": feature_maps_lib.serialize(self.feature_map),
+            "num_random_features": self.num_random_features,
+            "orthogonal": self.orthogonal,
+            "row_norms": self.row_norms,
+            "causal_chunk_size": self.causal_chunk_size,
         }
-        return {**super().get_config(), **config}
 
     # ----------------------------------------------------------------------------------------
     # Weights.
 
-    def _sublayer_kwargs(self):
-        # Fresh initializer instances per sub-layer, so that stateless initializers with a seed
-        # do not give the four projections the same values (as MultiHeadAttention does).
-        return dict(
-            kernel_initializer=self._kernel_initializer.__class__.from_config(
-                self._kernel_initializer.get_config()
-            ),
-            bias_initializer=self._bias_initializer.__class__.from_config(
-                self._bias_initializer.get_config()
-            ),
-            kernel_regularizer=self._kernel_regularizer,
-            bias_regularizer=self._bias_regularizer,
-            activity_regularizer=self._activity_regularizer,
-            kernel_constraint=self._kernel_constraint,
-            bias_constraint=self._bias_constraint,
-            dtype=self.dtype_policy,
-        )
-
-    def _projection(self, input_shape, heads_dim, name):
-        equation, bias_axes, output_rank = _proj_equation(2, bound_dims=1, output_dims=2)
-        dense = keras.layers.EinsumDense(
-            equation,  # "abc,cde->abde": (B, L, E) -> (B, L, N, H)
-            output_shape=_output_shape_spec(output_rank - 1, [self._num_heads, heads_dim]),
-            bias_axes=bias_axes if self._use_bias else None,
-            name=name,
-            **self._sublayer_kwargs(),
-        )
-        dense.build(input_shape)
-        return dense
-
     def build(self, query_shape, value_shape, key_shape=None):
-        """Creates the projections (as MultiHeadAttention does), then ω and the redraw count."""
-        key_shape = value_shape if key_shape is None else key_shape
+        """Builds MultiHeadAttention's projections, then ω and the redraw count."""
+        query_shape, value_shape = tuple(query_shape), tuple(value_shape)
+        key_shape = value_shape if key_shape is None else tuple(key_shape)
         _check_input_shapes(query_shape, value_shape, key_shape)
-        self._query_dense = self._projection(query_shape, self._key_dim, "query")
-        self._key_dense = self._projection(key_shape, self._key_dim, "key")
-        self._value_dense = self._projection(value_shape, self._value_dim, "value")
-        self._dropout_layer = keras.layers.Dropout(
-            rate=self._dropout, dtype=self.dtype_policy, seed=self._seed
-        )
-        out_shape = self._output_shape or (query_shape[-1],)
-        equation, bias_axes, output_rank = _proj_equation(
-            2, bound_dims=2, output_dims=len(out_shape)
-        )
-        self._output_dense = keras.layers.EinsumDense(
-            equation,  # "abcd,cde->abe": (B, T, N, D) -> (B, T, E_out)
-            output_shape=_output_shape_spec(output_rank - 1, out_shape),
-            bias_axes=bias_axes if self._use_bias else None,
-            name="attention_output",
-            **self._sublayer_kwargs(),
-        )
-        self._output_dense.build((query_shape[0], query_shape[1], self._num_heads, self._value_dim))
+        # The key projection depends on the key's width only; lengths were checked above (an
+        # unknown length matches a known one, which MultiHeadAttention's check refuses).
+        super().build(query_shape, value_shape, value_shape[:-1] + key_shape[-1:])
 
         # "only_first_replica": under tf.distribute the value is the first replica's, never a sum.
         if self.uses_random_features:
             self.projection_matrix = self.add_weight(
                 name="projection_matrix",
-                shape=(self._num_random_features, self._key_dim),
+                shape=(self.num_random_features, self._key_dim),
                 initializer=lambda shape, dtype=None: self._draw_projection(self._draw_seed(0)),
                 dtype="float32",
                 trainable=False,
@@ -442,6 +318,13 @@ class FavorAttention(keras.layers.Layer):
             aggregation="only_first_replica",
         )
 
+    def _build_attention(self, rank):
+        # No softmax and no score equations: FAVOR's only attention sub-layer is the dropout on
+        # the head outputs.
+        self._dropout_layer = keras.layers.Dropout(
+            rate=self._dropout, dtype=self.dtype_policy, seed=self.seed
+        )
+
     @property
     def weights(self):
         # MultiHeadAttention's weights first, in its order; then ω and the redraw count, so that
@@ -454,18 +337,16 @@ class FavorAttention(keras.layers.Layer):
     # Random features.
 
     def _draw_seed(self, count):
-        if self._seed is None:
+        if self.seed is None:
             return self._seed_generator
-        if count == 0:
-            return self._seed
-        return (self._seed * _SEED_MULTIPLIER + count * _COUNT_MULTIPLIER) % (2**32)
+        return self.seed if count == 0 else derive_seed(self.seed, "redraw", count)
 
     def _draw_projection(self, seed):
         return random_features_matrix(
-            self._num_random_features,
+            self.num_random_features,
             self._key_dim,
-            orthogonal=self._orthogonal,
-            row_norms=self._row_norms,
+            orthogonal=self.orthogonal,
+            row_norms=self.row_norms,
             seed=seed,
         )
 
@@ -483,8 +364,7 @@ class FavorAttention(keras.layers.Layer):
                 `seed` and the new `redraw_count` (seeded layers: reproducible, also when training
                 resumes from a checkpoint).
         """
-        if seed is not None and (not is_int(seed) or seed < 0):
-            raise invalid("seed", "None or a non-negative integer", seed)
+        _checks.seed(seed)
         if not self.built:
             raise ValueError(
                 f"Layer '{self.name}' must be built before `redraw_random_features` (call it on "
@@ -501,42 +381,32 @@ class FavorAttention(keras.layers.Layer):
     # ----------------------------------------------------------------------------------------
     # Calls.
 
-    def _validate_call(
-        self,
-        query_shape,
-        value_shape,
-        key_shape,
-        attention_mask,
-        return_attention_scores,
-        use_causal_mask,
-    ):
+    def _validate_call(self, query, value, key, masks, return_attention_scores, use_causal_mask):
         if return_attention_scores:
             raise ValueError(
                 "FavorAttention cannot return attention scores: linear attention computes "
                 "φ(Q)(φ(K)ᵀV) and never forms the (T, S) attention matrix. "
                 f"Received: return_attention_scores={return_attention_scores!r}"
             )
-        if not isinstance(use_causal_mask, bool):
-            raise invalid("use_causal_mask", "a bool", use_causal_mask)
-        _check_input_shapes(query_shape, value_shape, key_shape)
+        _checks.boolean(use_causal_mask, "use_causal_mask")
+        key_shape = None if key is None else tuple(key.shape)
+        _check_input_shapes(tuple(query.shape), tuple(value.shape), key_shape)
+        batch, key_length = value.shape[0], value.shape[1]
         if use_causal_mask:
-            t, s = query_shape[1], value_shape[1]
-            if t is not None and s is not None and t != s:
+            t = query.shape[1]
+            if t is not None and key_length is not None and t != key_length:
                 raise ValueError(
                     "use_causal_mask=True needs queries and keys of the same length (position t "
                     "attends to keys 0..t). Received: use_causal_mask=True with "
-                    f"query.shape={tuple(query_shape)} and value.shape={tuple(value_shape)}"
+                    f"query.shape={tuple(query.shape)} and value.shape={tuple(value.shape)}"
                 )
-        if attention_mask is not None:
-            shape = tuple(attention_mask.shape)
-            if len(shape) != 3 or shape[1] != 1:
-                raise ValueError(
-                    "FavorAttention accepts only a (batch, 1, key_length) `attention_mask`, i.e. a "
-                    "key padding mask: linear attention never forms the (T, S) attention matrix, "
-                    "so it cannot mask individual query-key pairs. Use `value_mask` / `key_mask` "
-                    "(or Keras masks) for padding and `use_causal_mask=True` for causal attention. "
-                    f"Received: attention_mask.shape={shape}"
-                )
+        for name, mask in masks.items():
+            if mask is None:
+                continue
+            if name == "attention_mask":
+                check_attention_mask(mask, name, batch, key_length)
+            else:
+                check_padding_mask(mask, name, batch, key_length)
 
     def call(
         self,
@@ -551,17 +421,16 @@ class FavorAttention(keras.layers.Layer):
         training=None,
         use_causal_mask=False,
     ):
-        key_shape = None if key is None else key.shape
-        self._validate_call(
-            query.shape,
-            value.shape,
-            key_shape,
-            attention_mask,
-            return_attention_scores,
-            use_causal_mask,
-        )
-        if key is None:
-            key = value
+        masks = {"value_mask": value_mask, "key_mask": key_mask, "attention_mask": attention_mask}
+        self._validate_call(query, value, key, masks, return_attention_scores, use_causal_mask)
+        if attention_mask is not None:
+            masks["attention_mask"] = attention_mask[:, 0]  # (B, 1, S) -> (B, S)
+        padding_mask = None  # (B, S), True for real keys
+        for mask in masks.values():
+            if mask is not None:
+                mask = ops.cast(mask, "bool")
+                padding_mask = mask if padding_mask is None else ops.logical_and(padding_mask, mask)
+        key = value if key is None else key
         # The masks were read into the *_mask arguments; detach them while the projections, which
         # do not support masking, run (as MultiHeadAttention does), and put them back afterwards,
         # so that calling the layer leaves the caller's tensors as they were.
@@ -569,79 +438,68 @@ class FavorAttention(keras.layers.Layer):
         input_masks = [(t, get_keras_mask(t)) for t in inputs]
         for tensor, _ in input_masks:
             set_keras_mask(tensor, None)
-
-        batch, key_length = value.shape[0], value.shape[1]
-        padding_mask = None
-        masks = (
-            ("value_mask", value_mask),
-            ("key_mask", key_mask),
-            ("attention_mask", None if attention_mask is None else attention_mask[:, 0]),
-        )
-        for name, mask in masks:
-            if mask is None:
-                continue
-            check_padding_mask(mask, name, batch, key_length)
-            mask = ops.cast(mask, "bool")
-            padding_mask = mask if padding_mask is None else ops.logical_and(padding_mask, mask)
-
         query = self._query_dense(query)  # (B, T, N, H)
         key = self._key_dense(key)  # (B, S, N, H)
         value = self._value_dense(value)  # (B, S, N, D)
         for tensor, mask in input_masks:
             if mask is not None:
                 set_keras_mask(tensor, mask)
-        output = favor_attention(
-            query,
-            key,
-            value,
-            self._feature_map,
-            self.projection_matrix,
-            causal=use_causal_mask,
-            key_padding_mask=padding_mask,
-            chunk_size=self._causal_chunk_size,
-        )  # (B, T, N, D), computed in float32, returned in the compute dtype
-        if self._dropout > 0.0:
-            output = self._dropout_layer(output, training=training)
+        output, _ = self._compute_attention(
+            query, key, value, padding_mask, training, use_causal_mask=use_causal_mask
+        )
         output = self._output_dense(output)  # (B, T, E_out)
         if query_mask is not None:
             set_keras_mask(output, query_mask)
         return output
 
-    def compute_output_shape(self, query_shape, value_shape, key_shape=None):
-        query_shape, value_shape = tuple(query_shape), tuple(value_shape)
-        key_shape = value_shape if key_shape is None else tuple(key_shape)
-        _check_input_shapes(query_shape, value_shape, key_shape)
-        if self._output_shape:
-            return query_shape[:-1] + self._output_shape
-        return query_shape
-
-    def compute_output_spec(
+    def _compute_attention(
         self,
         query,
+        key,
         value,
-        key=None,
-        query_mask=None,
-        value_mask=None,
-        key_mask=None,
         attention_mask=None,
-        return_attention_scores=False,
         training=None,
+        return_attention_scores=False,
         use_causal_mask=False,
     ):
-        key_shape = None if key is None else key.shape
-        self._validate_call(
-            query.shape,
-            value.shape,
-            key_shape,
-            attention_mask,
-            return_attention_scores,
-            use_causal_mask,
+        """FAVOR attention of projected (B, T, N, H) queries, (B, S, N, H) keys and (B, S, N, D)
+        values; `attention_mask` is the (B, S) key padding mask. Returns ((B, T, N, D), None)."""
+        output = favor_attention(
+            query,
+            key,
+            value,
+            self.feature_map,
+            self.projection_matrix,
+            causal=use_causal_mask,
+            key_padding_mask=attention_mask,
+            chunk_size=self.causal_chunk_size,
+        )  # computed in float32, returned in the compute dtype
+        if self._dropout > 0.0:
+            output = self._dropout_layer(output, training=training)
+        return output, None
+
+    def compute_output_shape(self, query_shape, value_shape, key_shape=None):
+        query_shape, value_shape = tuple(query_shape), tuple(value_shape)
+        _check_input_shapes(
+            query_shape, value_shape, None if key_shape is None else tuple(key_shape)
         )
-        for name, mask in (("value_mask", value_mask), ("key_mask", key_mask)):
-            if mask is not None:
-                check_padding_mask(mask, name, value.shape[0], value.shape[1])
-        shape = self.compute_output_shape(query.shape, value.shape, key_shape)
-        return keras.KerasTensor(shape, dtype=self.compute_dtype)
+        return query_shape[:-1] + (self._output_shape or query_shape[-1:])
+
+    def compute_output_spec(self, *args, **kwargs):
+        # Called with the arguments of `call`: the same checks, on symbolic shapes.
+        arguments = inspect.signature(self.call).bind(*args, **kwargs).arguments
+        masks = {name: arguments.get(name) for name in ("value_mask", "key_mask", "attention_mask")}
+        self._validate_call(
+            arguments["query"],
+            arguments["value"],
+            arguments.get("key"),
+            masks,
+            arguments.get("return_attention_scores", False),
+            arguments.get("use_causal_mask", False),
+        )
+        return super().compute_output_spec(
+            arguments["query"], arguments["value"], arguments.get("key")
+        )
 
     # ----------------------------------------------------------------------------------------
     # Streaming decoding.
@@ -659,13 +517,13 @@ class FavorAttention(keras.layers.Layer):
         Returns:
             The pair (S, z).
         """
-        if is_int(batch_size):
-            positive_int(batch_size, "batch_size")
+        if _checks.is_int(batch_size):
+            _checks.positive_int(batch_size, "batch_size")
         else:
             shape = getattr(batch_size, "shape", None)
             dtype = str(getattr(batch_size, "dtype", ""))
             if shape is None or tuple(shape) != () or "int" not in dtype:
-                raise invalid(
+                raise _checks.invalid(
                     "batch_size", "a positive integer or a scalar integer tensor", batch_size
                 )
         return favor_initial_state(
@@ -673,8 +531,8 @@ class FavorAttention(keras.layers.Layer):
             self._num_heads,
             self._key_dim,
             self._value_dim,
-            self._feature_map,
-            self._num_random_features,
+            self.feature_map,
+            self.num_random_features,
         )
 
     def step(self, query, value, state, key=None):
@@ -694,9 +552,9 @@ class FavorAttention(keras.layers.Layer):
         """
         return self._step(query, value, state, key)
 
-    def _step(self, query, value, state, key, **query_key_kwargs):
-        # The body of `step`; subclasses pass extra call arguments to the query and key
-        # projections (e.g. the position, for rotary embeddings).
+    def _step(self, query, value, state, key, **step_kwargs):
+        # The body of `step`; subclasses pass extra arguments on to `_compute_step` (e.g. the
+        # position, for rotary embeddings).
         key = value if key is None else key
         for name, x in (("query", query), ("value", value), ("key", key)):
             if len(x.shape) != 2:
@@ -709,36 +567,49 @@ class FavorAttention(keras.layers.Layer):
                 "Argument `state` must be the pair (S, z) from `get_initial_state` or `step`. "
                 f"Received: state={type(state).__name__}"
             )
-        query = ops.convert_to_tensor(query, dtype=self.compute_dtype)
-        value = ops.convert_to_tensor(value, dtype=self.compute_dtype)
-        key = ops.convert_to_tensor(key, dtype=self.compute_dtype)
+        query, value, key = (
+            ops.expand_dims(ops.convert_to_tensor(x, dtype=self.compute_dtype), 1)
+            for x in (query, value, key)
+        )  # (B, 1, E)
         if not self.built:
-            self.build(
-                (None, None, query.shape[-1]),
-                (None, None, value.shape[-1]),
-                (None, None, key.shape[-1]),
-            )
-        q = self._query_dense(ops.expand_dims(query, 1), **query_key_kwargs)[:, 0]  # (B, N, H)
-        k = self._key_dense(ops.expand_dims(key, 1), **query_key_kwargs)[:, 0]  # (B, N, H)
-        v = self._value_dense(ops.expand_dims(value, 1))[:, 0]  # (B, N, D)
-        output, state = favor_attention_step(
-            q, k, v, tuple(state), self._feature_map, self.projection_matrix
+            self.build(*((None, None, x.shape[-1]) for x in (query, value, key)))
+        output, state = self._compute_step(
+            self._query_dense(query),  # (B, 1, N, H)
+            self._key_dense(key),  # (B, 1, N, H)
+            self._value_dense(value),  # (B, 1, N, D)
+            tuple(state),
+            **step_kwargs,
         )  # (B, N, D)
-        output = self._output_dense(ops.expand_dims(output, 1))[:, 0]  # (B, E_out)
-        return output, state
+        return self._output_dense(ops.expand_dims(output, 1))[:, 0], state  # (B, E_out)
+
+    def _compute_step(self, query, key, value, state):
+        """One decoding step of projected (B, 1, N, ·) inputs: ((B, N, D) output, new state)."""
+        return favor_attention_step(
+            query[:, 0], key[:, 0], value[:, 0], state, self.feature_map, self.projection_matrix
+        )
 
 
 def _check_input_shapes(query_shape, value_shape, key_shape):
-    for name, shape in (("query", query_shape), ("value", value_shape), ("key", key_shape)):
-        if shape is not None and len(shape) != 3:
+    """Ranks, key and value lengths and batch sizes of the (B, L, E) inputs, named as given."""
+    shapes = {"query": query_shape, "value": value_shape}
+    if key_shape is not None:
+        shapes["key"] = key_shape
+    for name, shape in shapes.items():
+        if len(shape) != 3:
             raise ValueError(
                 f"Argument `{name}` must have rank 3 (batch, length, features). "
                 f"Received: {name}.shape={tuple(shape)}"
             )
-    if key_shape is not None:
-        s_v, s_k = value_shape[1], key_shape[1]
-        if s_v is not None and s_k is not None and s_v != s_k:
+    for (a, b), axis, what in (
+        (("value", "key"), 1, "length"),
+        (("query", "value"), 0, "batch size"),
+        (("query", "key"), 0, "batch size"),
+    ):
+        if b not in shapes:
+            continue
+        da, db = shapes[a][axis], shapes[b][axis]
+        if da is not None and db is not None and da != db:
             raise ValueError(
-                "Arguments `key` and `value` must have the same length. "
-                f"Received: key.shape={tuple(key_shape)}, value.shape={tuple(value_shape)}"
+                f"Arguments `{a}` and `{b}` must have the same {what}. "
+                f"Received: {a}.shape={tuple(shapes[a])}, {b}.shape={tuple(shapes[b])}"
             )

@@ -3,6 +3,7 @@
 import keras
 from keras import ops
 
+from keras_favor._checks import boolean
 from keras_favor.layers._favor_block import (
     CROSS_ATTENTION,
     CROSS_DROPOUT,
@@ -28,25 +29,16 @@ class FavorTransformerDecoder(FavorBlockBase):
     `encoder_sequence` then and at every later call, or never.
 
     Args:
-        intermediate_dim: the hidden size of the feed-forward network, a positive integer.
-        num_heads: the number of attention heads; it must divide the input width E. Each head
-            has size E // num_heads.
-        dropout: the dropout rate of the attention outputs (see `FavorAttention`), and of the
-            residual branches. Defaults to 0.
-        activation: the activation of the feed-forward network. Defaults to `"relu"`.
-        layer_norm_epsilon: the epsilon of the layer norms. Defaults to 1e-5.
-        kernel_initializer: initializer of the dense kernels. Defaults to `"glorot_uniform"`.
-        bias_initializer: initializer of the dense biases. Defaults to `"zeros"`.
-        normalize_first: pre-LN (True) or post-LN (False, default) residual blocks.
-        feature_map: the FAVOR feature map φ (see `FavorAttention`). Defaults to
-            `"softmax_positive"`.
-        num_random_features: M, the number of random features. Defaults to 256.
-        orthogonal: draw orthogonal random features. Defaults to True.
-        row_norms: `"chi"` (default) or `"sqrt_dim"`.
-        causal_chunk_size: C, the chunk length of the causal self-attention. Defaults to 128.
+        intermediate_dim, num_heads, dropout, activation, layer_norm_epsilon,
+        kernel_initializer, bias_initializer, normalize_first, feature_map,
+        num_random_features, row_norms, orthogonal, rotary_max_wavelength: as in
+            `FavorTransformerEncoder` (same defaults); `dropout` also drops on the
+            cross-attention branch.
+        causal_chunk_size: C, the chunk length of the exact chunked causal self-attention.
+            Defaults to 128.
         use_rotary_embedding: apply rotary position embeddings (RoPE) to the projected queries
-            and keys of the self-attention, before the feature map. Defaults to False.
-        rotary_max_wavelength: the base of the RoPE frequencies. Defaults to 10000.
+            and keys of the self-attention (not across sequences), before the feature map.
+            Defaults to False.
         seed: None or a non-negative int. An int makes the random features and dropout masks
             reproducible; self- and cross-attention (and each dropout) get distinct seeds
             derived from it. Give each block of a model its own seed.
@@ -63,8 +55,17 @@ class FavorTransformerDecoder(FavorBlockBase):
         encoder_sequence: optional (B, S, E_enc) encoder outputs for cross-attention.
         decoder_padding_mask: optional (B, T) mask, True (or 1) for real tokens; combined with
             the Keras mask of `decoder_sequence`. Padded tokens are removed from the keys.
+        decoder_attention_mask: optional (B, 1, T) key padding mask of the self-attention,
+            combined with `decoder_padding_mask`. A dense (B, T, T) mask raises a ValueError:
+            FAVOR attention never forms the attention matrix (`attention_type="softmax"`
+            applies it); causal masking is `use_causal_mask`.
         encoder_padding_mask: optional (B, S) mask of the encoder outputs; combined with the
             Keras mask of `encoder_sequence`.
+        encoder_attention_mask: optional (B, 1, S) key padding mask of the cross-attention, with
+            the same rule as `decoder_attention_mask`.
+        use_causal_mask: causal self-attention (True, the default, as in keras-hub): position t
+            attends to positions 0..t only. False gives bidirectional self-attention (and `step`
+            does not apply to such a use).
         training: whether dropout is active.
 
     Returns:
@@ -135,57 +136,55 @@ class FavorTransformerDecoder(FavorBlockBase):
                 f"{tuple(encoder_sequence.shape)}"
             )
 
-    def _cross_attend(self, x, encoder_sequence, query_mask, encoder_mask, training):
-        def attend(h):
-            return self._cross_attention_layer(
-                h,
-                encoder_sequence,
-                query_mask=query_mask,
-                value_mask=encoder_mask,
-                training=training,
-            )
-
-        return self._residual(
-            x, attend, self._cross_attention_layer_norm, self._cross_attention_dropout, training
+    def _cross_attend(self, x, encoder_sequence, query_mask, encoder_mask, training, mask=None):
+        layers = (
+            self._cross_attention_layer,
+            self._cross_attention_layer_norm,
+            self._cross_attention_dropout,
         )
+        masks = (query_mask, encoder_mask, mask)
+        return self._attention_sub_block(x, layers, encoder_sequence, masks, training)
 
     def call(
         self,
         decoder_sequence,
         encoder_sequence=None,
         decoder_padding_mask=None,
+        decoder_attention_mask=None,
         encoder_padding_mask=None,
+        encoder_attention_mask=None,
+        use_causal_mask=True,
         training=None,
     ):
         self._check_encoder_sequence(encoder_sequence)
+        boolean(use_causal_mask, "use_causal_mask")
         decoder_mask = merged_padding_mask(
             decoder_sequence, decoder_padding_mask, "decoder_padding_mask"
+        )
+        decoder_attention_mask = self._checked_attention_mask(
+            decoder_attention_mask, "decoder_attention_mask", decoder_sequence
         )
         encoder_mask = None
         if encoder_sequence is not None:
             encoder_mask = merged_padding_mask(
                 encoder_sequence, encoder_padding_mask, "encoder_padding_mask"
             )
-
-        def attend(x):
-            return self._self_attention_layer(
-                x,
-                x,
-                query_mask=decoder_mask,
-                value_mask=decoder_mask,
-                use_causal_mask=True,
-                training=training,
+            encoder_attention_mask = self._checked_attention_mask(
+                encoder_attention_mask, "encoder_attention_mask", encoder_sequence
             )
 
-        x = self._residual(
+        x = self._attention_sub_block(
             decoder_sequence,
-            attend,
-            self._self_attention_layer_norm,
-            self._self_attention_dropout,
+            self._self_attention_layers(),
+            None,
+            (decoder_mask, decoder_mask, decoder_attention_mask),
             training,
+            use_causal_mask=use_causal_mask,
         )
         if encoder_sequence is not None:
-            x = self._cross_attend(x, encoder_sequence, decoder_mask, encoder_mask, training)
+            x = self._cross_attend(
+                x, encoder_sequence, decoder_mask, encoder_mask, training, encoder_attention_mask
+            )
         return self._feedforward(x, training)
 
     # ----------------------------------------------------------------------------------------

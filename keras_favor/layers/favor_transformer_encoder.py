@@ -30,8 +30,8 @@ class FavorTransformerEncoder(FavorBlockBase):
         feature_map: the FAVOR feature map φ (see `FavorAttention`). Defaults to
             `"softmax_positive"`.
         num_random_features: M, the number of random features. Defaults to 256.
-        orthogonal: draw orthogonal random features. Defaults to True.
         row_norms: `"chi"` (default) or `"sqrt_dim"`.
+        orthogonal: draw orthogonal random features. Defaults to True.
         causal_chunk_size: passed to `FavorAttention` (unused by the bidirectional encoder).
             Defaults to 128.
         use_rotary_embedding: apply rotary position embeddings (RoPE) to the projected queries
@@ -51,6 +51,10 @@ class FavorTransformerEncoder(FavorBlockBase):
         padding_mask: optional (B, T) mask, True (or 1) for real tokens. Padded tokens are
             removed from attention (padding equals truncation). Combined with the Keras mask of
             `inputs` if it has one (e.g. from an `Embedding(mask_zero=True)`).
+        attention_mask: optional (B, 1, T) mask, a key padding mask broadcast over queries,
+            combined with `padding_mask`. FAVOR attention never forms the (T, T) attention
+            matrix, so a dense (B, T, T) mask raises a ValueError (with
+            `attention_type="softmax"` it is applied, as in `MultiHeadAttention`).
         training: whether dropout is active.
 
     Returns:
@@ -77,19 +81,11 @@ class FavorTransformerEncoder(FavorBlockBase):
         self._build_feedforward(inputs_shape)
         self.built = True
 
-    def call(self, inputs, padding_mask=None, training=None):
+    def call(self, inputs, padding_mask=None, attention_mask=None, training=None):
         mask = merged_padding_mask(inputs, padding_mask, "padding_mask")
+        attention_mask = self._checked_attention_mask(attention_mask, "attention_mask", inputs)
 
-        def attend(x):
-            return self._self_attention_layer(
-                x, x, query_mask=mask, value_mask=mask, training=training
-            )
-
-        x = self._residual(
-            inputs,
-            attend,
-            self._self_attention_layer_norm,
-            self._self_attention_dropout,
-            training,
+        x = self._attention_sub_block(
+            inputs, self._self_attention_layers(), None, (mask, mask, attention_mask), training
         )
         return self._feedforward(x, training)

@@ -4,11 +4,11 @@ import keras
 from keras import ops
 
 from keras_favor._checks import positive_int
-from keras_favor.layers._positions import position_indices
+from keras_favor.layers._positions import PositionLayer, position_indices
 
 
 @keras.saving.register_keras_serializable(package="keras_favor")
-class PositionEmbedding(keras.layers.Layer):
+class PositionEmbedding(PositionLayer):
     """A learned embedding per position, to be added to token embeddings.
 
     The layer holds a (sequence_length, E) table and returns the rows of the input's positions,
@@ -75,18 +75,10 @@ class PositionEmbedding(keras.layers.Layer):
         embeddings = ops.take(self.position_embeddings, positions, axis=0)  # (1|B, T, E)
         return ops.broadcast_to(ops.cast(embeddings, self.compute_dtype), shape)
 
-    def compute_output_shape(self, input_shape):
-        return input_shape
-
-    def compute_mask(self, inputs, mask=None):
-        return mask
-
     def get_config(self):
-        config = super().get_config()
-        config.update(
-            {
-                "sequence_length": self.sequence_length,
-                "initializer": keras.initializers.serialize(self.initializer),
-            }
-        )
-        return config
+        initializer = keras.initializers.serialize(self.initializer)
+        return {
+            **super().get_config(),
+            "sequence_length": self.sequence_length,
+            "initializer": initializer,
+        }

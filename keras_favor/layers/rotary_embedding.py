@@ -3,16 +3,13 @@
 import keras
 from keras import ops
 
-from keras_favor._checks import positive_number
-from keras_favor.layers._positions import position_indices
+from keras_favor._checks import invalid, is_int, positive_number
+from keras_favor.layers._positions import PositionLayer, position_indices
 
 
 def _axis(value, name):
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(
-            f"Received an invalid value for argument `{name}`, expected an integer axis. "
-            f"Received: {name}={value!r}"
-        )
+    if not is_int(value):
+        raise invalid(name, "an integer axis", value)
     return value
 
 
@@ -64,7 +61,7 @@ def apply_rotary_embedding(
 
 
 @keras.saving.register_keras_serializable(package="keras_favor")
-class RotaryEmbedding(keras.layers.Layer):
+class RotaryEmbedding(PositionLayer):
     """Rotary position embeddings: rotates feature pairs by position-dependent angles.
 
     With H features split into halves (x₁, x₂), position p maps them to
@@ -85,8 +82,8 @@ class RotaryEmbedding(keras.layers.Layer):
 
     Call arguments:
         inputs: a tensor such as (B, T, N, H) queries or keys.
-        start_index: the position of the first token: an int, or an integer tensor of shape
-            () or (B,) (one offset per sequence, for streaming decoding). Defaults to 0.
+        start_index: the first position, as in `PositionEmbedding` (int, or integer tensor of
+            shape () or (B,)). Defaults to 0.
         positions: optional integer positions of shape (T,) or (B, T); they replace
             `start_index`.
 
@@ -110,13 +107,12 @@ class RotaryEmbedding(keras.layers.Layer):
     ):
         positive_number(max_wavelength, "max_wavelength")
         positive_number(scaling_factor, "scaling_factor")
-        _axis(sequence_axis, "sequence_axis")
-        _axis(feature_axis, "feature_axis")
+        for name, axis in (("sequence_axis", sequence_axis), ("feature_axis", feature_axis)):
+            _axis(axis, name)
         super().__init__(**kwargs)
         self.max_wavelength = max_wavelength
         self.scaling_factor = scaling_factor
-        self.sequence_axis = sequence_axis
-        self.feature_axis = feature_axis
+        self.sequence_axis, self.feature_axis = sequence_axis, feature_axis
         self.supports_masking = True
         self.built = True
 
@@ -131,20 +127,6 @@ class RotaryEmbedding(keras.layers.Layer):
             feature_axis=self.feature_axis,
         )
 
-    def compute_output_shape(self, input_shape):
-        return input_shape
-
-    def compute_mask(self, inputs, mask=None):
-        return mask
-
     def get_config(self):
-        config = super().get_config()
-        config.update(
-            {
-                "max_wavelength": self.max_wavelength,
-                "scaling_factor": self.scaling_factor,
-                "sequence_axis": self.sequence_axis,
-                "feature_axis": self.feature_axis,
-            }
-        )
-        return config
+        names = ("max_wavelength", "scaling_factor", "sequence_axis", "feature_axis")
+        return {**super().get_config(), **{name: getattr(self, name) for name in names}}

@@ -4,11 +4,11 @@ import keras
 from keras import ops
 
 from keras_favor._checks import positive_number
-from keras_favor.layers._positions import position_indices
+from keras_favor.layers._positions import PositionLayer, position_indices
 
 
 @keras.saving.register_keras_serializable(package="keras_favor")
-class SinePositionEncoding(keras.layers.Layer):
+class SinePositionEncoding(PositionLayer):
     """Sinusoidal position encodings, to be added to token embeddings.
 
     Feature 2i holds sin(p / max_wavelength^(2i/E)) and feature 2i+1 holds cos of the same angle,
@@ -22,18 +22,18 @@ class SinePositionEncoding(keras.layers.Layer):
         **kwargs: standard `keras.layers.Layer` arguments (`name`, `dtype`, ...).
 
     Call arguments:
-        inputs: (B, T, E) tensor; only its shape is used.
-        start_index: the position of the first token: an int, or an integer tensor of shape
-            () or (B,) (one offset per sequence, for streaming decoding). Defaults to 0.
+        inputs: the (B, T, E) embeddings the encodings are for; only their shape is read.
+        start_index: the first position, as in `PositionEmbedding` (int, or integer tensor of
+            shape () or (B,)). Defaults to 0.
 
     Returns:
-        (B, T, E) encodings in the layer's compute dtype.
+        The (B, T, E) encodings, in the compute dtype.
 
     Example:
 
     >>> import numpy as np
-    >>> x = np.zeros((2, 5, 8), "float32")
-    >>> tuple(SinePositionEncoding()(x).shape)
+    >>> encodings = SinePositionEncoding()(np.zeros((2, 5, 8), "float32"))
+    >>> tuple(encodings.shape)
     (2, 5, 8)
 
     References:
@@ -59,13 +59,5 @@ class SinePositionEncoding(keras.layers.Layer):
         encoding = ops.sin(angles) * (1.0 - is_cos) + ops.cos(angles) * is_cos
         return ops.broadcast_to(ops.cast(encoding, self.compute_dtype), shape)
 
-    def compute_output_shape(self, input_shape):
-        return input_shape
-
-    def compute_mask(self, inputs, mask=None):
-        return mask
-
     def get_config(self):
-        config = super().get_config()
-        config.update({"max_wavelength": self.max_wavelength})
-        return config
+        return {**super().get_config(), "max_wavelength": self.max_wavelength}

@@ -180,13 +180,14 @@ def initial_decode_state(model, batch_size):
 
     Example:
 
-    >>> import keras, numpy as np
-    >>> from keras_favor.layers import (FavorTransformerDecoder,
-    ...                                 TokenAndPositionEmbedding)
-    >>> tokens = keras.Input((None,), dtype="int32")
-    >>> x = TokenAndPositionEmbedding(50, 32, 8)(tokens)
-    >>> x = FavorTransformerDecoder(16, 2, num_random_features=16, seed=0)(x)
-    >>> model = keras.Model(tokens, keras.layers.Dense(50)(x))
+    >>> import keras
+    >>> from keras_favor.layers import FavorTransformerDecoder, TokenAndPositionEmbedding
+    >>> model = keras.Sequential([
+    ...     keras.Input((None,), dtype="int32"),
+    ...     TokenAndPositionEmbedding(50, 32, 8),
+    ...     FavorTransformerDecoder(16, 2, num_random_features=16, seed=0),
+    ...     keras.layers.Dense(50),
+    ... ])
     >>> state = initial_decode_state(model, batch_size=2)
     >>> [tuple(t.shape) for t in state[0]]
     [(2, 2, 16, 4), (2, 2, 16)]

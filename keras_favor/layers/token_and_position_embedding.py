@@ -3,7 +3,7 @@
 import keras
 from keras import ops
 
-from keras_favor._checks import positive_int, positive_number
+from keras_favor._checks import boolean, one_of, positive_int, positive_number
 from keras_favor.layers.position_embedding import PositionEmbedding
 from keras_favor.layers.sine_position_encoding import SinePositionEncoding
 
@@ -31,11 +31,11 @@ class TokenAndPositionEmbedding(keras.layers.Layer):
 
     Call arguments:
         inputs: (B, T) integer token ids.
-        start_index: the position of the first token: an int, or an integer tensor of shape
-            () or (B,) (one offset per sequence, for streaming decoding). Defaults to 0.
+        start_index: the position of the first token, as in `PositionEmbedding` (int, or
+            integer tensor of shape () or (B,): one offset per sequence). Defaults to 0.
 
     Returns:
-        (B, T, E) embeddings in the layer's compute dtype.
+        The (B, T, E) sums of token and position embeddings, in the compute dtype.
 
     Example:
 
@@ -61,20 +61,11 @@ class TokenAndPositionEmbedding(keras.layers.Layer):
     ):
         positive_int(vocabulary_size, "vocabulary_size")
         positive_int(embedding_dim, "embedding_dim")
-        if position_embedding_type not in POSITION_EMBEDDING_TYPES:
-            raise ValueError(
-                "Received an invalid value for argument `position_embedding_type`, expected one "
-                f"of {POSITION_EMBEDDING_TYPES}. "
-                f"Received: position_embedding_type={position_embedding_type!r}"
-            )
+        one_of(position_embedding_type, POSITION_EMBEDDING_TYPES, "position_embedding_type")
         positive_int(
             sequence_length, "sequence_length", allow_none=position_embedding_type != "learned"
         )
-        if not isinstance(mask_zero, bool):
-            raise ValueError(
-                "Received an invalid value for argument `mask_zero`, expected a bool. "
-                f"Received: mask_zero={mask_zero!r}"
-            )
+        boolean(mask_zero, "mask_zero")
         positive_number(max_wavelength, "max_wavelength")
         super().__init__(**kwargs)
         self.vocabulary_size = vocabulary_size

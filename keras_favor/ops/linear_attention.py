@@ -13,7 +13,7 @@ all-ones value column, so numerator and normaliser come out of the same matmuls.
 from keras import ops
 
 from keras_favor import feature_maps as feature_maps_lib
-from keras_favor._checks import positive_int
+from keras_favor._checks import boolean, positive_int
 
 DEFAULT_CHUNK_SIZE = 128
 _PREFIX_BLOCK = 32  # chunks per block of the blocked prefix sum over chunks
@@ -46,18 +46,24 @@ def check_padding_mask(mask, name, batch, length):
         )
 
 
-def _check_state(s_state, z_state, s_expected):
-    # S (B, N, F, D) and z (B, N, F), F the feature map's output dim; unknown (None) dims match.
+def _check_state(s_state, z_state, s_expected, feature_map):
+    # S (B, N, F, D) and z (B, N, F), F the number of features the map returned; None dims match.
     z_expected = s_expected[:3]
     for name, x, expected in (("state[0]", s_state, s_expected), ("state[1]", z_state, z_expected)):
         shape = tuple(x.shape)
         if len(shape) != len(expected) or any(
             a is not None and b is not None and a != b for a, b in zip(shape, expected)
         ):
+            hint = ""
+            if len(shape) == len(expected) and shape[2] != expected[2]:
+                hint = (
+                    f" The map returned F={expected[2]} features; the initial state's F comes "
+                    "from its `output_dim(key_dim, num_random_features)`, which must return it."
+                )
             raise ValueError(
-                "Argument `state` must be (S, z) from `favor_initial_state`, with S of shape "
-                f"(batch, num_heads, features, value_dim) = {s_expected} and z of shape "
-                f"{z_expected} for these inputs and this feature map. "
+                "Argument `state` must be the decoding state (S, z) of these inputs and "
+                f"feature_map={feature_map!r}: S of shape (batch, num_heads, features, "
+                f"value_dim) = {s_expected} and z of shape {z_expected}.{hint} "
                 f"Received: {name}.shape={shape}"
             )
 
@@ -148,7 +154,7 @@ def _divide(num, den):
 def _normalise(out):
     # (..., D+1) -> (..., D). Only an all-zero feature row gives a zero normaliser (padded or fully
     # underflowed positions); their numerator is zero too, and the output is 0 instead of NaN.
-    # `split`, not slices: a strided slice's gradient costs ~10 % of the whole backward pass on CPU.
+    # `split`, not slices: a strided slice's gradient is slow on CPU.
     num, den = ops.split(out, [out.shape[-1] - 1], axis=-1)
     return _divide(num, ops.where(ops.equal(den, 0.0), 1.0, den))
 
@@ -156,8 +162,7 @@ def _normalise(out):
 # The linear-attention cores below have hand-written gradients: the same products autodiff
 # would give, each written in the orientation that is fast on CPU with and without XLA (a
 # product whose output is only D+1 wide, or that needs a transposed copy of a (·, L, F) tensor,
-# is the slow case). Forward+backward of `favor_attention` got 15-20 % faster (L=8192). The cores
-# are linear in each argument, so these gradients are exact.
+# is the slow case). The cores are linear in each argument, so these gradients are exact.
 
 
 @ops.custom_gradient
@@ -182,9 +187,8 @@ def _chunked_core(qc, kc, vc, finite_features):
 
     Inter-chunk term φ(Q_c)·S_c with S_c = Σ_{j<c} V1_jᵀφ(K_j), plus the intra-chunk term
     (φ(Q_c)φ(K_c)ᵀ ⊙ tril)·V1_c. Returns (K, B, N, C, D+1). With the chunk axis first, the prefix
-    sums over chunks are plain 2-D matmuls over a (K, ·) view. Against (B, N, K, C, ·), a layer's
-    training step under XLA is 3-7 % faster at L = 8192-65536 and about 30 % at 262144, and the
-    longest causal runs need less memory with and without XLA.
+    sums over chunks are plain 2-D matmuls over a (K, ·) view, which is faster under XLA than the
+    (B, N, K, C, ·) layout and needs less memory on the longest causal runs.
     """
     num_chunks, chunk_size = qc.shape[0], qc.shape[3]
     if num_chunks is None:
@@ -364,8 +368,7 @@ def favor_attention(
     """
     feature_map = feature_maps_lib.get(feature_map)
     positive_int(chunk_size, "chunk_size")
-    if not isinstance(causal, bool):
-        raise ValueError(f"Argument `causal` must be a bool. Received: causal={causal!r}")
+    boolean(causal, "causal")
     _validate_qkv(query, key, value)
     qs, ks = tuple(query.shape), tuple(key.shape)
     if causal:
@@ -475,7 +478,9 @@ def favor_attention_step(
     k = ops.cast(key, "float32")[:, :, None, :]
     v = ops.cast(value, "float32")
     q_feat, k_feat = feature_map(q, k, projection_matrix, causal=True)  # (B, N, 1, F)
-    _check_state(s_state, z_state, (*query.shape[:2], k_feat.shape[-1], value.shape[-1]))
+    _check_state(
+        s_state, z_state, (*query.shape[:2], k_feat.shape[-1], value.shape[-1]), feature_map
+    )
     k_col = ops.transpose(k_feat, (0, 1, 3, 2))  # (B, N, F, 1)
     s_state = s_state + k_col * ops.expand_dims(v, 2)  # (B, N, F, D)
     z_state = z_state + k_feat[:, :, 0]  # (B, N, F)

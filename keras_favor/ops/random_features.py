@@ -3,14 +3,27 @@
 Shape legend: M random features, H key dim (``dim`` here), K number of square blocks.
 """
 
+import hashlib
 import math
 
 import keras
 from keras import ops
 
-from keras_favor._checks import positive_int
+from keras_favor._checks import boolean, one_of, positive_int
 
 ROW_NORMS = ("chi", "sqrt_dim")
+
+
+def derive_seed(seed, *parts):
+    """A seed in [0, 2**31) derived from the int `seed` and `parts` (ints or short strings).
+
+    The one seed mixer of the package (sub-layers of a block, redraws of a layer, redraws by the
+    callback): a keyed BLAKE2b hash of the parts, not Python's salted `hash`, so every process
+    and every resumed run derives the same seeds, and nearby inputs give unrelated seeds.
+    """
+    message = ":".join(str(part) for part in (int(seed), *parts)).encode()
+    digest = hashlib.blake2b(message, digest_size=8, person=b"kf-redraw").digest()
+    return int.from_bytes(digest, "little") & 0x7FFFFFFF
 
 
 def random_features_matrix(num_features, dim, *, orthogonal=True, row_norms="chi", seed=None):
@@ -46,16 +59,8 @@ def random_features_matrix(num_features, dim, *, orthogonal=True, row_norms="chi
     """
     positive_int(num_features, "num_features")
     positive_int(dim, "dim")
-    if row_norms not in ROW_NORMS:
-        raise ValueError(
-            f"Received an invalid value for argument `row_norms`, expected one of {ROW_NORMS}. "
-            f"Received: row_norms={row_norms!r}"
-        )
-    if not isinstance(orthogonal, bool):
-        raise ValueError(
-            f"Received an invalid value for argument `orthogonal`, expected a bool. "
-            f"Received: orthogonal={orthogonal!r}"
-        )
+    one_of(row_norms, ROW_NORMS, "row_norms")
+    boolean(orthogonal, "orthogonal")
     num_blocks = math.ceil(num_features / dim) if orthogonal else 0
     # One draw for everything keeps an int seed meaningful (stateless) and a generator advancing
     # once: the first K*H rows feed the QR blocks, the last M rows give the chi row norms.

@@ -7,6 +7,7 @@ Everything runs on TensorFlow and JAX except the tests marked as TensorFlow-only
 """
 
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -68,6 +69,7 @@ ALL_ARGUMENTS = dict(
     row_norms="sqrt_dim",
     causal_chunk_size=3,
     seed=7,
+    attention_axes=1,  # the one axis FAVOR attends over, given explicitly
 )
 # `output_shape` is not an attribute (Functional summaries read that name, as for
 # MultiHeadAttention); `activity_regularizer` is the base layer's attribute, left None because the
@@ -213,6 +215,88 @@ def test_bad_call_argument_symbolic(index):
     kwargs = {"query": q, "value": q, **kwargs}
     with pytest.raises(ValueError, match=name):
         FavorAttention(2, 4, num_random_features=8)(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        # Internal shapes must not leak: the user's argument names and shapes are quoted.
+        (
+            dict(query=data(2, 5, 8), value=data(2, 5, 8), attention_mask=np.ones((2, 1, 8))),
+            "Argument `attention_mask` must be a key padding mask of shape (batch, 1, key_length)"
+            " = (2, 1, 5). Received: attention_mask.shape=(2, 1, 8)",
+        ),
+        (
+            dict(query=data(2, 5, 8), value=data(3, 5, 8)),
+            "Arguments `query` and `value` must have the same batch size. "
+            "Received: query.shape=(2, 5, 8), value.shape=(3, 5, 8)",
+        ),
+        (
+            dict(query=data(2, 5, 8), value=data(2, 5, 8), key=data(1, 5, 8)),
+            "Arguments `query` and `key` must have the same batch size. "
+            "Received: query.shape=(2, 5, 8), key.shape=(1, 5, 8)",
+        ),
+        (
+            dict(query=data(2, 5, 8), value=data(2, 5, 8), attention_mask=np.ones((2, 5, 5))),
+            "Received: attention_mask.shape=(2, 5, 5)",
+        ),
+    ],
+    ids=["attention_mask_length", "value_batch", "key_batch", "dense_attention_mask"],
+)
+def test_errors_quote_the_users_arguments(kwargs, message):
+    layer = FavorAttention(2, 4, num_random_features=8)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        layer(**kwargs)
+
+
+def test_is_a_multi_head_attention_that_overrides_only_the_attention():
+    layer = FavorAttention(2, 4, num_random_features=8)
+    assert isinstance(layer, keras.layers.MultiHeadAttention)
+    # The projections, their arguments and read-only views come from MultiHeadAttention.
+    for inherited in ("_get_common_kwargs_for_sublayer", "_make_output_dense", "query_dense"):
+        assert inherited not in vars(FavorAttention)
+    assert "_compute_attention" in vars(FavorAttention)
+
+
+@pytest.mark.parametrize("axes", [None, 1, -2, (1,), [1], (-2,)])
+def test_attention_axes_of_the_sequence_axis_are_accepted(axes):
+    x = data(2, 6, 8)
+    layer = FavorAttention(2, 4, num_random_features=8, seed=0, attention_axes=axes)
+    reference = FavorAttention(2, 4, num_random_features=8, seed=0)
+    reference(x, x)
+    layer(x, x)
+    layer.set_weights(reference.get_weights())
+    np.testing.assert_array_equal(to_numpy(layer(x, x)), to_numpy(reference(x, x)))
+    assert layer.attention_axes == (None if axes is None else (1,))
+    assert FavorAttention.from_config(layer.get_config()).attention_axes == layer.attention_axes
+
+
+@pytest.mark.parametrize("axes", [2, 0, (1, 2), (2,), "1", 1.0])
+def test_other_attention_axes_raise(axes):
+    with pytest.raises(ValueError, match=r"`attention_axes`.*one axis.*attention_axes="):
+        FavorAttention(2, 4, attention_axes=axes)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"sliding_window": 4}, {"use_gate": True}, {"flash_attention": True}],
+    ids=lambda kwargs: next(iter(kwargs)),
+)
+def test_multi_head_attention_arguments_without_favor_counterpart_raise(kwargs):
+    name, value = next(iter(kwargs.items()))
+    with pytest.raises(ValueError, match=f"`{name}`.*Received: {name}={value}"):
+        FavorAttention(2, 4, **kwargs)
+
+
+def test_loads_a_multi_head_attention_config():
+    # Its inert entries (sliding_window=None, use_gate=False, attention_axes=None) are accepted.
+    mha = keras.layers.MultiHeadAttention(2, 4, value_dim=3, output_shape=5, seed=1)
+    layer = FavorAttention.from_config({**mha.get_config(), "num_random_features": 8})
+    x = data(2, 6, 8)
+    mha.build(x.shape, x.shape)  # not called: on JAX its fused path rejects value_dim != key_dim
+    assert tuple(layer(x, x).shape) == (2, 6, 5)
+    assert [w.shape for w in layer.weights[: len(mha.weights)]] == [w.shape for w in mha.weights]
+    assert "sliding_window" not in layer.get_config() and "use_gate" not in layer.get_config()
 
 
 def test_bad_decode_and_redraw_arguments():

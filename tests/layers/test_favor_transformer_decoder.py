@@ -280,6 +280,43 @@ def test_bad_constructor_argument(kwargs, name):
         FavorTransformerDecoder(**{**SMALL, **kwargs})
 
 
+def test_keras_hub_call_arguments():
+    """decoder_attention_mask / encoder_attention_mask (B, 1, ·) act as key padding masks;
+    use_causal_mask=False gives bidirectional self-attention; dense masks raise (FAVOR)."""
+    decoder = FavorTransformerDecoder(**SMALL)
+    x, encoder = data(2, 6, 8), data(2, 5, 8, seed=1)
+    decoder_keys = np.array([[1, 1, 1, 1, 1, 0], [1] * 6], bool)
+    encoder_keys = np.array([[1, 1, 0, 1, 1], [1, 1, 1, 1, 0]], bool)
+    expected = to_numpy(
+        decoder(x, encoder, decoder_padding_mask=decoder_keys, encoder_padding_mask=encoder_keys)
+    )
+    got = to_numpy(
+        decoder(
+            x,
+            encoder,
+            decoder_attention_mask=decoder_keys[:, None],
+            encoder_attention_mask=encoder_keys[:, None],
+        )
+    )
+    # decoder_padding_mask also masks the queries passed on; compare real positions.
+    np.testing.assert_allclose(got[decoder_keys], expected[decoder_keys], atol=1e-5)
+    causal = to_numpy(decoder(x, encoder))
+    bidirectional = to_numpy(decoder(x, encoder, use_causal_mask=False))
+    np.testing.assert_allclose(bidirectional[:, -1], causal[:, -1], atol=1e-5)  # sees all keys
+    assert np.abs(bidirectional[:, 0] - causal[:, 0]).max() > 1e-3
+    softmax_block = FavorTransformerDecoder(**SMALL, attention_type="softmax")
+    exact = to_numpy(softmax_block(x, use_causal_mask=False))
+    np.testing.assert_allclose(exact[:, -1], to_numpy(softmax_block(x))[:, -1], atol=1e-5)
+    assert np.abs(exact[:, 0] - to_numpy(softmax_block(x))[:, 0]).max() > 1e-3
+    dense = np.ones((2, 6, 6), bool)
+    with pytest.raises(ValueError, match=r"decoder_attention_mask.shape=\(2, 6, 6\)"):
+        decoder(x, encoder, decoder_attention_mask=dense)
+    with pytest.raises(ValueError, match=r"encoder_attention_mask.shape=\(2, 1, 4\)"):
+        decoder(x, encoder, encoder_attention_mask=np.ones((2, 1, 4), bool))
+    with pytest.raises(ValueError, match="use_causal_mask"):
+        decoder(x, encoder, use_causal_mask="yes")
+
+
 @pytest.mark.filterwarnings("ignore:Layer .* does not have a `quantize` method")
 @pytest.mark.parametrize("use_rotary_embedding", [False, True])
 def test_int8_quantized_block_still_streams(use_rotary_embedding):

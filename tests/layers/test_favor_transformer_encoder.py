@@ -103,6 +103,29 @@ def test_padding_equals_truncation(use_rotary_embedding, normalize_first):
     )
 
 
+def test_attention_mask_of_keys_equals_padding_mask():
+    # keras-hub's call argument: a (B, 1, T) attention_mask is a key padding mask.
+    encoder = FavorTransformerEncoder(**SMALL)
+    x = data(2, 6, 8)
+    mask = np.array([[1, 1, 1, 0, 1, 0], [1] * 6], bool)
+    expected = to_numpy(encoder(x, padding_mask=mask))
+    got = to_numpy(encoder(x, attention_mask=mask[:, None, :]))
+    both = to_numpy(encoder(x, padding_mask=mask, attention_mask=np.ones((2, 1, 6), bool)))
+    # The padding mask also masks the outputs' queries; the attention mask only the keys, so
+    # compare the real positions.
+    np.testing.assert_allclose(got[mask], expected[mask], atol=1e-6)
+    np.testing.assert_allclose(both, expected, atol=1e-6)
+
+
+def test_dense_attention_mask_raises_for_favor_and_applies_for_softmax():
+    x = data(2, 4, 8)
+    dense = np.tril(np.ones((4, 4), bool))[None].repeat(2, 0)  # (B, T, T)
+    with pytest.raises(ValueError, match=r"`attention_mask`.*attention_mask.shape=\(2, 4, 4\)"):
+        FavorTransformerEncoder(**SMALL)(x, attention_mask=dense)
+    softmax = FavorTransformerEncoder(**SMALL, attention_type="softmax")
+    assert np.abs(to_numpy(softmax(x, attention_mask=dense)) - to_numpy(softmax(x))).max() > 1e-3
+
+
 def test_implicit_mask_equals_padding_mask_and_propagates():
     ids = np.array([[4, 2, 7, 0, 0], [1, 3, 3, 8, 9]], "int32")
     embedding = keras.layers.Embedding(10, 8, mask_zero=True)
