@@ -7,7 +7,7 @@ import warnings
 import keras
 import numpy as np
 
-from keras_favor._checks import positive_int
+from keras_favor._checks import invalid, is_int, positive_int
 from keras_favor.layers.favor_attention import FavorAttention
 from keras_favor.ops.random_features import derive_seed
 
@@ -128,33 +128,22 @@ class RedrawRandomFeatures(keras.callbacks.Callback):
                 f"positive integer. Received: every_n_steps={every_n_steps!r}, "
                 f"every_n_epochs={every_n_epochs!r}"
             )
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise ValueError(
-                "Received an invalid value for argument `seed`, expected an integer or None. "
-                f"Received: seed={seed!r}"
-            )
-        if isinstance(verbose, bool) or not isinstance(verbose, int) or verbose < 0:
-            raise ValueError(
-                "Received an invalid value for argument `verbose`, expected a non-negative "
-                f"integer. Received: verbose={verbose!r}"
-            )
+        if seed is not None and not is_int(seed):
+            raise invalid("seed", "an integer or None", seed)
+        if not is_int(verbose) or verbose < 0:
+            raise invalid("verbose", "a non-negative integer", verbose)
         if layers is not None:
             if isinstance(layers, FavorAttention):
                 layers = [layers]
             elif isinstance(layers, (list, tuple)) and layers:
                 layers = list(layers)
             else:
-                raise ValueError(
-                    "Received an invalid value for argument `layers`, expected None, a "
-                    "`FavorAttention` layer or a non-empty list of them. "
-                    f"Received: layers={layers!r}"
+                raise invalid(
+                    "layers", "None, a `FavorAttention` layer or a non-empty list of them", layers
                 )
             bad = [layer for layer in layers if not isinstance(layer, FavorAttention)]
             if bad:
-                raise ValueError(
-                    "Received an invalid value for argument `layers`, expected `FavorAttention` "
-                    f"layers only. Received: layers={layers!r}, including {bad[0]!r}"
-                )
+                raise invalid("layers", f"`FavorAttention` layers only (not {bad[0]!r})", layers)
         super().__init__()
         self.every_n_steps = every_n_steps
         self.every_n_epochs = every_n_epochs
