@@ -28,7 +28,7 @@ pytestmark = [
     pytest.mark.skipif(
         keras.backend.backend() != "tensorflow", reason="tf.distribute needs the TensorFlow backend"
     ),
-    pytest.mark.slow,  # several processes that each import TensorFlow and train: 15-45 s each
+    pytest.mark.slow,  # several processes that each import TensorFlow and train
 ]
 
 HERE = os.path.dirname(os.path.abspath(__file__))
