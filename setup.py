@@ -20,6 +20,7 @@ setup(
         "tests": [
             "pytest>=8",
             "pytest-xdist",
+            "hypothesis>=6",
             "jax[cpu]",
             "ai-edge-litert",
             "tensorflow-serving-api>=2.21,<2.22",

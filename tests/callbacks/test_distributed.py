@@ -24,9 +24,12 @@ import keras
 import numpy as np
 import pytest
 
-pytestmark = pytest.mark.skipif(
-    keras.backend.backend() != "tensorflow", reason="tf.distribute needs the TensorFlow backend"
-)
+pytestmark = [
+    pytest.mark.skipif(
+        keras.backend.backend() != "tensorflow", reason="tf.distribute needs the TensorFlow backend"
+    ),
+    pytest.mark.slow,  # several processes that each import TensorFlow and train
+]
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(HERE, "_distributed_worker.py")

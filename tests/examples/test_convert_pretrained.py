@@ -41,6 +41,7 @@ def checkpoint():
     return cp.load_pretrained()
 
 
+@pytest.mark.slow
 def test_main_on_a_handful_of_sentences():
     results = cp.main(
         num_sentences=8,

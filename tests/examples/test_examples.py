@@ -80,6 +80,7 @@ def test_random_windows_are_reproducible_and_change_per_epoch():
 # examples/quickstart.py
 
 
+@pytest.mark.slow
 @tf_only
 def test_quickstart(tmp_path):
     from examples import quickstart
@@ -134,6 +135,7 @@ def test_quickstart_model_takes_long_sequences():
 # examples/char_lm.py
 
 
+@pytest.mark.slow
 def test_char_lm(tmp_path):
     result = char_lm.main(
         steps=8,
@@ -214,6 +216,7 @@ def test_listops_generator():
     assert ids.shape == (2, 130) and (ids[0, len(expressions[0]) :] == 0).all()
 
 
+@pytest.mark.slow
 def test_long_classification(tmp_path):
     result = long_classification.main(
         train_examples=48,

@@ -55,6 +55,7 @@ def test_c_api_errors(lm_session, lm_export):
         session.run({"token_ids": random_ids(1, 2)})
 
 
+@pytest.mark.slow
 def test_saved_model_cli_run(attention_exports):
     model, path = attention_exports[True]
     x = random_tokens(2, 11, seed=2)
