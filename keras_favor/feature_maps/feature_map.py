@@ -24,11 +24,14 @@ def _scaled_projection(projection_matrix, key_dim):
 class FeatureMap:
     """Base class of feature maps; subclass it for a map of your own.
 
-    A simple map overrides `features(x, projection_matrix, is_query)` (and `output_dim`, and
-    `uses_random_features` if it consumes a projection). Maps whose query and key features interact
-    (stabilisers, data-dependent parameters) override `__call__` instead. Register a subclass with
-    `keras.saving.register_keras_serializable` and give it a complete `get_config` so that models
-    using it save and load.
+    A map must define `features(x, projection_matrix, is_query)`, or `__call__` for maps whose
+    query and key features interact (stabilisers, data-dependent parameters), and `output_dim`
+    when it returns F ≠ H features. It may define `uses_random_features` (True if it consumes a
+    projection ω) and `build(layer, num_heads, key_dim)` to create trainable weights of its own
+    with `layer.add_weight` (see `Hedgehog`): the layer then owns, trains and saves them, and each
+    layer builds its own copy of the map. Register a subclass with
+    `keras.saving.register_keras_serializable` and give it a complete `get_config` (its
+    constructor arguments, never its weights) so that models using it save and load.
 
     Example:
 
@@ -46,6 +49,20 @@ class FeatureMap:
     def output_dim(self, key_dim, num_random_features=None):
         """The number of features F the map returns for key dim H and M random features."""
         return key_dim
+
+    def build(self, layer, num_heads, key_dim):
+        """Creates the map's own weights, if it has any; the default has none.
+
+        `FavorAttention.build` calls it once, on a copy of the map made for that layer (so two
+        layers never share weights). A map with weights creates them here with
+        `layer.add_weight(...)`, so the layer owns, trains and saves them, and keeps references
+        to them for `features` / `__call__`.
+
+        Args:
+            layer: the `keras.layers.Layer` that owns the weights.
+            num_heads: N.
+            key_dim: H.
+        """
 
     def features(self, x, projection_matrix=None, *, is_query):
         """Features of x (..., H) → (..., F). Override this for a simple, per-token map."""

@@ -441,6 +441,10 @@ class FavorAttention(keras.layers.Layer):
             autocast=False,
             aggregation="only_first_replica",
         )
+        if type(self._feature_map).build is not feature_maps_lib.FeatureMap.build:
+            # A map with weights: a copy of its own per layer, whose weights this layer owns.
+            self._feature_map = type(self._feature_map).from_config(self._feature_map.get_config())
+        self._feature_map.build(self, self._num_heads, self._key_dim)
 
     @property
     def weights(self):
