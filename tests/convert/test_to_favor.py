@@ -27,7 +27,8 @@ def mha_model(causal=True, mask_zero=False):
         h, h, use_causal_mask=causal
     )
     x = keras.layers.Add(name="residual")([x, h])
-    x = keras.layers.MultiHeadAttention(2, 3, value_dim=5, output_shape=6, name="attention_1")(
+    # key_dim == value_dim: Keras' MultiHeadAttention on JAX fails otherwise.
+    x = keras.layers.MultiHeadAttention(2, 3, output_shape=6, name="attention_1")(
         x, x, use_causal_mask=causal
     )
     return keras.Model(ids, keras.layers.Dense(13, name="logits")(x))
@@ -71,7 +72,7 @@ def test_mha_becomes_favor_attention_with_the_same_weights(causal):
             assert extra == []
     attention = [favor.get_layer(f"attention_{i}") for i in range(2)]
     assert [a.seed for a in attention] == [3, 4]  # seed + i: every layer its own draw
-    assert attention[1].value_dim == 5 and tuple(favor.output.shape) == (None, None, 13)
+    assert attention[1].key_dim == 3 and tuple(favor.output.shape) == (None, None, 13)
     # The original is untouched.
     assert isinstance(model.get_layer("attention_0"), keras.layers.MultiHeadAttention)
     np.testing.assert_array_equal(to_numpy(model(x)), before)
@@ -103,7 +104,7 @@ def test_outputs_equal_a_hand_built_favor_model():
     h = keras.layers.LayerNormalization()(x)
     h = FavorAttention(2, 4, feature_map=fmap, causal_chunk_size=3)(h, h, use_causal_mask=True)
     x = keras.layers.Add()([x, h])
-    x = FavorAttention(2, 3, value_dim=5, output_shape=6, feature_map=fmap, causal_chunk_size=3)(
+    x = FavorAttention(2, 3, output_shape=6, feature_map=fmap, causal_chunk_size=3)(
         x, x, use_causal_mask=True
     )
     hand = keras.Model(inputs, keras.layers.Dense(13)(x))
