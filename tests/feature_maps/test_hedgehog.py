@@ -12,7 +12,13 @@ import keras
 import numpy as np
 import pytest
 
-from keras_favor import FavorAttention, FavorTransformerDecoder, feature_maps
+from keras_favor import (
+    FavorAttention,
+    FavorTransformerDecoder,
+    decode_step,
+    feature_maps,
+    initial_decode_state,
+)
 from keras_favor.feature_maps import FeatureMap, Hedgehog
 from tests.ops import reference
 from tests.testing import TestCase, data, to_numpy
@@ -269,6 +275,12 @@ def test_decoder_block_save_load_and_streaming_with_hedgehog():
     decoder = loaded.layers[2]
     assert type(decoder._self_attention_layer.feature_map) is Hedgehog
     assert len(decoder.trainable_weights) == 4 + 8 + 4 + 4  # LNs, projections, map, FFN
+    # Streaming decode of the loaded model, position by position, equals its full forward.
+    full = to_numpy(loaded(ids))
+    state = initial_decode_state(loaded, 2)
+    for t in range(7):
+        out, state = decode_step(loaded, ids[:, t], t, state)
+        np.testing.assert_allclose(to_numpy(out), full[:, t], rtol=1e-5, atol=1e-5)
 
 
 @keras.saving.register_keras_serializable(package="keras_favor_tests")
