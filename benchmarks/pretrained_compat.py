@@ -236,12 +236,12 @@ def print_learnable_table(results):
             )
         )
     print("\nLearnable feature maps vs random features (held out)")
-    header = f"{'setup':<72}{'mean cosine':>13}{'top-1':>8}{'Spearman':>10}{'time':>8}"
+    header = f"{'setup':<88}{'mean cosine':>13}{'top-1':>8}{'Spearman':>10}{'time':>8}"
     print(header)
     print("-" * len(header))
     for name, m, seconds in rows:
         print(
-            f"{name:<72}{m['mean_cosine']:>13.4f}{m['top1']:>8.3f}{m['spearman']:>10.4f}"
+            f"{name:<88}{m['mean_cosine']:>13.4f}{m['top1']:>8.3f}{m['spearman']:>10.4f}"
             f"{seconds:>8}"
         )
 
@@ -295,7 +295,7 @@ def plot(results, path):
             )
         ax.axhline(1.0, color="k", lw=0.8)
         ax.set_xscale("log", base=2)
-        ax.set_xlabel("random features M (softmax_hyperbolic uses 2M); hedgehog: its features")
+        ax.set_xlabel("features (M; hyperbolic 2M; hedgehog 2F')")
         ax.set_title(title)
         ax.grid(alpha=0.3)
     handles, labels = axes[0].get_legend_handles_labels()
