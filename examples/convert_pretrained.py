@@ -13,6 +13,7 @@ with its weights, so everything here runs offline and without PyTorch:
 Run from the repository root (about a minute on 2 CPU cores):
 
     python examples/convert_pretrained.py --num-sentences 64 --finetune-epochs 3
+    python examples/convert_pretrained.py --num-sentences 256 --transfer-epochs 4  # learnable map
 
 What it does (the Performer paper's "backward compatibility" experiment, section 4.2):
 
