@@ -241,6 +241,7 @@ def attention_transfer(
     Example:
 
     >>> import keras, numpy as np
+    >>> from keras_favor.convert import to_favor
     >>> x = keras.Input((None, 16))
     >>> softmax = keras.Model(x, keras.layers.MultiHeadAttention(2, 8)(x, x))
     >>> favor = to_favor(softmax, feature_map="hedgehog", seed=0)
