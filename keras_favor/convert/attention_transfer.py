@@ -34,7 +34,11 @@ def _map_weights(layer):
 
 
 def _pair_layers(favor_model, softmax_model):
-    teachers = attention_layers(softmax_model, keras.layers.MultiHeadAttention)
+    teachers = [
+        layer
+        for layer in attention_layers(softmax_model, keras.layers.MultiHeadAttention)
+        if not isinstance(layer, FavorAttention)  # should it ever subclass MultiHeadAttention
+    ]
     students = attention_layers(favor_model, FavorAttention)
     same = len(teachers) == len(students) and all(
         (t.num_heads, t.key_dim, t.value_dim) == (s.num_heads, s.key_dim, s.value_dim)

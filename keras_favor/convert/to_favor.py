@@ -95,17 +95,26 @@ def _check_mha(layer):
             )
 
 
+def _is_softmax_attention(layer):
+    # FavorAttention is excluded explicitly, should it ever subclass MultiHeadAttention.
+    return isinstance(layer, keras.layers.MultiHeadAttention) and not isinstance(
+        layer, FavorAttention
+    )
+
+
 def _check_convertible(model):
     for layer in model.layers:
         if _is_graph_model(layer):
             _check_convertible(layer)
-        elif isinstance(layer, keras.layers.MultiHeadAttention):
+        elif isinstance(layer, FavorAttention):
+            continue
+        elif _is_softmax_attention(layer):
             _check_mha(layer)
         elif not isinstance(layer, FavorBlockBase):
             nested = [
                 sub.name
                 for sub in layer._flatten_layers(include_self=False)
-                if isinstance(sub, keras.layers.MultiHeadAttention)
+                if _is_softmax_attention(sub)
             ]
             if nested:
                 raise _cannot(
@@ -209,7 +218,7 @@ def to_favor(model, **favor_attention_kwargs):
 
     def clone(layer):
         config = layer.get_config()
-        if isinstance(layer, keras.layers.MultiHeadAttention):
+        if _is_softmax_attention(layer):
             shared = {k: config[k] for k in _SHARED_CONFIG if k in config}
             new = FavorAttention.from_config({**shared, **options()})
         elif isinstance(layer, FavorBlockBase) and layer.attention_type == "softmax":
