@@ -16,6 +16,11 @@ and `tokenizers`; see `examples/convert_pretrained.py`). One run:
 3. Fine-tunes FAVOR models briefly by distillation (minimise 1 - cosine to the exact embeddings on
    a disjoint training split of sentences; embeddings frozen) with fixed random features and with
    `RedrawRandomFeatures`, and reports the held-out recovery.
+4. Converts the exact model with the learnable Hedgehog feature map (`keras_favor.convert.to_favor`)
+   and trains only the maps by attention transfer (`keras_favor.convert.attention_transfer`) on
+   the same training split, for at most as many epochs as the distillation, and reports the
+   held-out figures before and after, beside softmax_positive's (`--hedgehog-ablation` adds the
+   map's design choices: initialisation, shared or separate query / key maps, feature_dim).
 
 Prints a table and writes benchmarks/results/pretrained_compat.json and pretrained_compat.png.
 
@@ -45,12 +50,22 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import RESULTS_DIR, run_info, write_json  # noqa: E402
 from examples import convert_pretrained as cp  # noqa: E402
 from keras_favor import feature_maps  # noqa: E402
+from keras_favor.convert import to_favor  # noqa: E402
+from keras_favor.feature_maps import Hedgehog  # noqa: E402
 
 FEATURE_MAPS = ("softmax_positive", "softmax_hyperbolic", "softmax_optimal", "relu")
 NUM_FEATURES = (64, 128, 256, 512, 1024)
 SEEDS = (0, 1)
 MAX_LENGTH = 256  # sentence-transformers' max_seq_length for this model
 METRICS = ("mean_cosine", "min_cosine", "top1", "top10", "spearman")
+# The learnable map of section 4, and the variants `--hedgehog-ablation` compares with it.
+HEDGEHOG = {"feature_dim": 64}
+HEDGEHOG_ABLATION = {
+    "identity start": {"feature_dim": 64, "kernel_initializer": "identity"},
+    "shared query / key map": {"feature_dim": 64, "shared_query_key": True},
+    "feature_dim 32 (= key dim)": {"feature_dim": None},
+    "no bias": {"feature_dim": 64, "use_bias": False},
+}
 
 # Run with another Python that has sentence-transformers and PyTorch (a one-off reference).
 TORCH_SCRIPT = r"""
@@ -99,6 +114,49 @@ def favor_model(config, weights, feature_map, num_random_features, seed):
     )
     cp.load_bert_weights(model, weights, config)
     return model
+
+
+def hedgehog_transfer(label, options, exact_model, evaluation, training, args):
+    """to_favor with Hedgehog(**options), attention transfer on `training`, held-out figures."""
+    eval_ids, eval_mask, exact_eval = evaluation
+    train_ids, train_mask = training
+    start = to_favor(exact_model, feature_map=Hedgehog(**options), seed=0)
+    before = cp.compare(exact_eval, cp.embed(start, eval_ids, eval_mask))
+    del start
+    t0 = time.perf_counter()
+    model, history = cp.transfer(
+        exact_model,
+        train_ids,
+        train_mask,
+        feature_map=Hedgehog(**options),
+        epochs=args.transfer_epochs,
+        batch_size=args.transfer_batch_size,
+        learning_rate=args.transfer_learning_rate,
+        seed=0,
+    )
+    seconds = time.perf_counter() - t0
+    after = cp.compare(exact_eval, cp.embed(model, eval_ids, eval_mask))
+    trained = sum(int(np.prod(w.shape)) for w in model.trainable_weights if "hedgehog" in w.path)
+    row = {
+        "label": label,
+        "feature_map": feature_maps.serialize(Hedgehog(**options))["config"],
+        "num_features": Hedgehog(**options).output_dim(
+            exact_model.get_layer("transformer_layer_0")._self_attention_layer.key_dim
+        ),
+        "trained": f"the feature maps only ({trained:,} parameters); everything else frozen",
+        "loss": "attention transfer: sum over the 6 layers of the MSE between the FAVOR and the "
+        "softmax attention outputs on the softmax layer's inputs (real tokens)",
+        "optimizer": f"Adam, learning rate {args.transfer_learning_rate}, "
+        f"batch {args.transfer_batch_size}",
+        "epochs": args.transfer_epochs,
+        "train_sentences": len(train_ids),
+        "train_loss": [float(v) for v in history.history["loss"]],
+        "seconds": seconds,
+        "heldout_before": before,
+        "heldout_after": after,
+    }
+    print(f"hedgehog ({label}): {before} -> {after} ({seconds:.0f} s)", flush=True)
+    return row
 
 
 def summarise(rows):
@@ -153,6 +211,39 @@ def print_table(results):
             f"{ft['epochs']} epochs on {ft['train_sentences']} sentences: "
             + ", ".join(f"{m} {before[m]:.4f} -> {after[m]:.4f}" for m in METRICS)
         )
+    print_learnable_table(results)
+
+
+def print_learnable_table(results):
+    """softmax_positive (M=256) without training and distilled, beside Hedgehog and transfer."""
+    fixed = next(ft for ft in results["finetune"] if ft["features"] == "fixed")
+    rows = [
+        ("softmax_positive M=256, no training", fixed["heldout_before"], "-"),
+        (
+            f"softmax_positive M=256, {fixed['epochs']} epochs of distillation",
+            fixed["heldout_after"],
+            f"{fixed['seconds']:.0f} s",
+        ),
+    ]
+    for hh in results.get("hedgehog", []):
+        name = f"hedgehog ({hh['label']}, {hh['num_features']} features)"
+        rows.append((f"{name}, no training", hh["heldout_before"], "-"))
+        rows.append(
+            (
+                f"{name}, {hh['epochs']} epochs of attention transfer",
+                hh["heldout_after"],
+                f"{hh['seconds']:.0f} s",
+            )
+        )
+    print("\nLearnable feature maps vs random features (held out)")
+    header = f"{'setup':<88}{'mean cosine':>13}{'top-1':>8}{'Spearman':>10}{'time':>8}"
+    print(header)
+    print("-" * len(header))
+    for name, m, seconds in rows:
+        print(
+            f"{name:<88}{m['mean_cosine']:>13.4f}{m['top1']:>8.3f}{m['spearman']:>10.4f}"
+            f"{seconds:>8}"
+        )
 
 
 def plot(results, path):
@@ -191,9 +282,20 @@ def plot(results, path):
                 markeredgecolor="k",
                 label=f"{ft['feature_map']} distilled ({ft['features']})",
             )
+        for hh in results.get("hedgehog", [])[:1]:
+            ax.plot(
+                hh["num_features"],
+                hh["heldout_after"][metric],
+                marker="X",
+                ms=13,
+                ls="none",
+                color="C4",
+                markeredgecolor="k",
+                label=f"hedgehog ({hh['num_features']} features) + attention transfer",
+            )
         ax.axhline(1.0, color="k", lw=0.8)
         ax.set_xscale("log", base=2)
-        ax.set_xlabel("random features M (softmax_hyperbolic uses 2M)")
+        ax.set_xlabel("features (M; hyperbolic 2M; hedgehog 2F')")
         ax.set_title(title)
         ax.grid(alpha=0.3)
     handles, labels = axes[0].get_legend_handles_labels()
@@ -217,6 +319,12 @@ def main(argv=None):
     parser.add_argument("--finetune-epochs", type=int, default=4)
     parser.add_argument("--learning-rate", type=float, default=1e-4)
     parser.add_argument("--redraw-every-n-steps", type=int, default=8)
+    parser.add_argument("--transfer-epochs", type=int, default=4)
+    parser.add_argument("--transfer-batch-size", type=int, default=8)
+    parser.add_argument("--transfer-learning-rate", type=float, default=1e-2)
+    parser.add_argument(
+        "--hedgehog-ablation", action="store_true", help="also run the HEDGEHOG_ABLATION variants"
+    )
     parser.add_argument(
         "--torch-python",
         default=None,
@@ -235,6 +343,7 @@ def main(argv=None):
     num_features, seeds, maps = NUM_FEATURES, SEEDS, FEATURE_MAPS
     if args.quick:
         args.num_eval, args.num_train, args.finetune_epochs = 48, 96, 1
+        args.transfer_epochs = 1
         num_features, seeds = (64, 256), (0,)
     start = time.perf_counter()
 
@@ -252,7 +361,6 @@ def main(argv=None):
     cp.load_bert_weights(exact_model, weights, config)
     exact_eval = cp.embed(exact_model, eval_ids, eval_mask)
     exact_train = cp.embed(exact_model, train_ids, train_mask)
-    del exact_model
     reference = cp.numpy_reference_embeddings(weights, config, eval_ids, eval_mask)
     exact = {
         "vs_numpy_reference": {
@@ -352,6 +460,15 @@ def main(argv=None):
         del model
         gc.collect()
 
+    evaluation, training = (eval_ids, eval_mask, exact_eval), (train_ids, train_mask)
+    hedgehog = [hedgehog_transfer("default", HEDGEHOG, exact_model, evaluation, training, args)]
+    if args.hedgehog_ablation:
+        for label, options in HEDGEHOG_ABLATION.items():
+            hedgehog.append(
+                hedgehog_transfer(label, options, exact_model, evaluation, training, args)
+            )
+            gc.collect()
+
     results = {
         "run": run_info(
             feature_maps=list(maps),
@@ -361,6 +478,10 @@ def main(argv=None):
             finetune_epochs=args.finetune_epochs,
             learning_rate=args.learning_rate,
             redraw_every_n_steps=args.redraw_every_n_steps,
+            transfer_epochs=args.transfer_epochs,
+            transfer_batch_size=args.transfer_batch_size,
+            transfer_learning_rate=args.transfer_learning_rate,
+            hedgehog_ablation=args.hedgehog_ablation,
             quick=args.quick,
         ),
         "model": {
@@ -390,6 +511,7 @@ def main(argv=None):
         "summary": summarise(rows),
         "baseline_elu": baseline_elu,
         "finetune": finetune,
+        "hedgehog": hedgehog,
         "total_seconds": time.perf_counter() - start,
     }
     print_table(results)

@@ -18,6 +18,14 @@ the same order, for the same number of steps, with the same widths and optimizer
 - ``favor_positive_fixed``: FAVOR+ with the random features drawn once, never redrawn.
 - ``favor_hyperbolic``: hyperbolic positive features (2M features), redrawn.
 - ``favor_relu``: generalized attention with ReLU random features, redrawn.
+- ``favor_hedgehog``: the learnable Hedgehog feature map (`feature_map="hedgehog"`), trained
+  from scratch with the rest of the model.
+
+After ``exact`` has trained, it is also converted (row ``exact_to_hedgehog``): `to_favor` swaps
+its `MultiHeadAttention` layers for `FavorAttention` with the learnable map and the same weights,
+and `attention_transfer` trains only the maps, for `convert_steps` steps (10 % of `steps` by
+default), to reproduce each softmax layer's output. Its validation bits per byte are compared
+with those of the softmax model it came from.
 
 Writes, to `--output-dir` (default `examples/results/char_lm/`): `results.md` (a markdown table of
 validation bits per byte, training time and parameters), `results.csv`, `results.json` (with the
@@ -36,10 +44,13 @@ if __package__ in (None, ""):  # run as a script: make `examples` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import keras  # noqa: E402
+import numpy as np  # noqa: E402
 
 from examples import data  # noqa: E402
 from examples.baselines import exact_block  # noqa: E402
-from examples.quickstart import train  # noqa: E402
+from examples.quickstart import compile_model, train  # noqa: E402
+from keras_favor.convert import attention_transfer, to_favor  # noqa: E402
+from keras_favor.feature_maps import Hedgehog  # noqa: E402
 from keras_favor.layers import FavorTransformerDecoder, TokenAndPositionEmbedding  # noqa: E402
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -52,13 +63,17 @@ VARIANTS = {
     "favor_positive_fixed": ("favor", "softmax_positive", False),
     "favor_hyperbolic": ("favor", "softmax_hyperbolic", True),
     "favor_relu": ("favor", "relu", True),
+    "favor_hedgehog": ("favor", "hedgehog", False),
 }
+CONVERTED = "exact_to_hedgehog"
 DESCRIPTIONS = {
     "exact": "exact softmax (MultiHeadAttention)",
     "favor_positive_redraw": "FAVOR+ positive features, redrawn",
     "favor_positive_fixed": "FAVOR+ positive features, never redrawn",
     "favor_hyperbolic": "FAVOR+ hyperbolic features (2M), redrawn",
     "favor_relu": "FAVOR ReLU random features, redrawn",
+    "favor_hedgehog": "learnable Hedgehog map, trained from scratch",
+    CONVERTED: "`exact` converted: to_favor + attention_transfer (maps only)",
 }
 
 
@@ -70,10 +85,13 @@ def build_model(
     intermediate_dim=512,
     num_random_features=64,
     causal_chunk_size=128,
+    hedgehog_feature_dim=256,
     seed=0,
 ):
     """The byte-level language model of one variant (see `VARIANTS`)."""
     attention, feature_map, _ = VARIANTS[variant]
+    if feature_map == "hedgehog":
+        feature_map = Hedgehog(feature_dim=hedgehog_feature_dim)
     token_ids = keras.Input((None,), dtype="int32", name="token_ids")
     x = TokenAndPositionEmbedding(
         data.VOCABULARY_SIZE,
@@ -104,6 +122,64 @@ def build_model(
     return keras.Model(token_ids, logits, name=f"byte_lm_{variant}")
 
 
+def convert_and_transfer(
+    model,
+    corpus,
+    steps,
+    batch_size,
+    sequence_length,
+    validation,
+    *,
+    learning_rate=3e-2,
+    feature_dim=256,
+    trained_steps=None,
+    seed=0,
+    verbose=1,
+):
+    """Converts the trained softmax `model` to FAVOR with learnable maps; returns its result row.
+
+    `to_favor(model, feature_map=Hedgehog(feature_dim))`, then `attention_transfer` for `steps`
+    batches of
+    `batch_size` random training windows (only the maps train), then the validation loss of
+    both models on `validation` (inputs, targets).
+    """
+    val_x, val_y = validation
+    favor = to_favor(model, feature_map=Hedgehog(feature_dim=feature_dim), seed=seed)
+    windows = data.RandomWindows(corpus.train, sequence_length, batch_size, steps, seed + 1)
+    print(f"\n== {CONVERTED}: {DESCRIPTIONS[CONVERTED]}, {steps} steps")
+    start = time.perf_counter()
+    history = attention_transfer(
+        favor, model, windows, epochs=1, learning_rate=learning_rate, verbose=verbose
+    )
+    seconds = time.perf_counter() - start
+    compile_model(favor, 1)  # the training loss, for `evaluate`
+    bpb, exact_bpb = (
+        data.bits_per_byte(m.evaluate(val_x, val_y, batch_size=batch_size, verbose=0))
+        for m in (favor, model)
+    )
+    trained = sum(int(np.prod(w.shape)) for w in favor.trainable_weights if "hedgehog" in w.path)
+    print(
+        f"{CONVERTED}: validation {bpb:.3f} bits/byte vs {exact_bpb:.3f} for exact "
+        f"({100 * (bpb / exact_bpb - 1):+.2f} %), {seconds:.0f} s"
+    )
+    return {
+        "variant": CONVERTED,
+        "validation_bits_per_byte": bpb,
+        "final_train_bits_per_byte": None,
+        "train_seconds": seconds,
+        "seconds_per_step": seconds / steps,
+        "parameters": data.trainable_parameters(favor),
+        "transfer_steps": steps,
+        "transfer_loss": [float(v) for v in history.history["loss"]],
+        "trained_parameters": trained,
+        "exact_validation_bits_per_byte": exact_bpb,
+        "relative_to_exact": bpb / exact_bpb - 1,
+        "steps": [(trained_steps or 0) + steps],
+        "train_bits_per_byte": [],
+        "val_bits_per_byte": [bpb],
+    }
+
+
 def write_results(output_dir, results, settings):
     """Writes results.json, results.csv, results.md and loss_curves.png; returns their paths."""
     columns = [
@@ -126,11 +202,21 @@ def write_results(output_dir, results, settings):
         "| train time (s) | s/step |",
         "|---|---|---|---|---|---|",
     ]
+    for row in results:
+        if row["variant"] == CONVERTED:
+            header[1] = (
+                f"`{CONVERTED}`: {row['transfer_steps']} attention-transfer steps "
+                f"({100 * row['transfer_steps'] / settings['steps']:.0f} % of the training "
+                f"steps) on {row['trained_parameters']:,} feature-map parameters; validation "
+                f"bits/byte {100 * row['relative_to_exact']:+.2f} % relative to `exact`.\n"
+            )
 
     def row_line(row):
+        train = row["final_train_bits_per_byte"]
+        train = "—" if train is None else f"{train:.3f}"
         return (
             f"| `{row['variant']}` | {DESCRIPTIONS[row['variant']]} | "
-            f"{row['validation_bits_per_byte']:.3f} | {row['final_train_bits_per_byte']:.3f} | "
+            f"{row['validation_bits_per_byte']:.3f} | {train} | "
             f"{row['train_seconds']:.0f} | {row['seconds_per_step']:.3f} |"
         )
 
@@ -149,6 +235,16 @@ def _plot(path, results):
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for i, row in enumerate(results):
         color = f"C{i}"
+        if not row["train_bits_per_byte"]:  # a converted model: one point, after its transfer
+            ax.plot(
+                row["steps"],
+                row["val_bits_per_byte"],
+                "*",
+                color=color,
+                ms=12,
+                label=row["variant"],
+            )
+            continue
         ax.plot(
             row["steps"],
             row["val_bits_per_byte"],
@@ -185,6 +281,9 @@ def main(
     learning_rate=2e-3,
     redraw_every=250,
     validation_windows=64,
+    convert_steps=None,
+    convert_learning_rate=3e-2,
+    hedgehog_feature_dim=256,
     max_train_bytes=None,
     max_validation_bytes=None,
     output_dir=DEFAULT_OUTPUT_DIR,
@@ -206,6 +305,12 @@ def main(
             on the final features).
         validation_windows: validation windows of `sequence_length` bytes, spread evenly over
             the validation split.
+        convert_steps: attention-transfer steps of the `exact_to_hedgehog` conversion (batches
+            like training's); None: `steps // 10`; 0: no conversion. Needs `exact` in
+            `variants`.
+        convert_learning_rate: Adam's learning rate for the attention transfer.
+        hedgehog_feature_dim: F', the projection width of the learnable maps (2F' features), in
+            `favor_hedgehog` and in the conversion.
         max_train_bytes, max_validation_bytes: cap the corpus (None: all of it).
         output_dir: where the tables and the plot go.
         seed: seeds the weights, random features and data order (the same for every variant).
@@ -221,7 +326,7 @@ def main(
             f"{list(VARIANTS)}. Received: variants={list(variants)}"
         )
     corpus = data.load_corpus(max_train_bytes, max_validation_bytes)
-    val_x, _ = data.validation_windows(corpus.validation, sequence_length, validation_windows)
+    val_x, val_y = data.validation_windows(corpus.validation, sequence_length, validation_windows)
     print(f"Corpus: {corpus}")
     results = []
     for variant in variants:
@@ -233,6 +338,7 @@ def main(
             num_blocks=num_blocks,
             intermediate_dim=intermediate_dim,
             num_random_features=num_random_features,
+            hedgehog_feature_dim=hedgehog_feature_dim,
             seed=seed,
         )
         redraw = VARIANTS[variant][2]
@@ -273,6 +379,22 @@ def main(
             }
         )
         print(f"{variant}: validation {val_bpb[-1]:.3f} bits/byte, {seconds:.0f} s")
+        if variant == "exact" and convert_steps != 0:
+            results.append(
+                convert_and_transfer(
+                    model,
+                    corpus,
+                    max(1, steps // 10) if convert_steps is None else convert_steps,
+                    batch_size,
+                    sequence_length,
+                    (val_x, val_y),
+                    learning_rate=convert_learning_rate,
+                    feature_dim=hedgehog_feature_dim,
+                    trained_steps=done,
+                    seed=seed,
+                    verbose=verbose,
+                )
+            )
     settings = {
         "variants": list(variants),
         "steps": steps,
@@ -287,6 +409,9 @@ def main(
         "learning_rate": learning_rate,
         "redraw_every": redraw_every,
         "validation_windows": validation_windows,
+        "convert_steps": convert_steps,
+        "convert_learning_rate": convert_learning_rate,
+        "hedgehog_feature_dim": hedgehog_feature_dim,
         "validation_bytes": int(val_x.size),
         "train_bytes": int(corpus.train.size),
         "seed": seed,

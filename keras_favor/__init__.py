@@ -1,6 +1,6 @@
 """keras_favor: Performer (FAVOR+) attention for Keras 3 and TensorFlow."""
 
-from keras_favor import callbacks, feature_maps, layers, ops
+from keras_favor import callbacks, convert, feature_maps, layers, ops
 from keras_favor.callbacks import RedrawRandomFeatures
 from keras_favor.feature_maps import FeatureMap
 from keras_favor.layers import (
@@ -28,6 +28,7 @@ __all__ = [
     "SinePositionEncoding",
     "TokenAndPositionEmbedding",
     "callbacks",
+    "convert",
     "decode_step",
     "feature_maps",
     "initial_decode_state",

@@ -5,6 +5,7 @@ import keras
 from keras_favor._checks import invalid
 from keras_favor.feature_maps.elu import ELU
 from keras_favor.feature_maps.feature_map import ExponentialFeatureMap, FeatureMap
+from keras_favor.feature_maps.hedgehog import Hedgehog
 from keras_favor.feature_maps.relu import ReLU
 from keras_favor.feature_maps.softmax_hyperbolic import SoftmaxHyperbolic
 from keras_favor.feature_maps.softmax_optimal import SoftmaxOptimal
@@ -15,6 +16,7 @@ __all__ = [
     "ELU",
     "ExponentialFeatureMap",
     "FeatureMap",
+    "Hedgehog",
     "ReLU",
     "SoftmaxHyperbolic",
     "SoftmaxOptimal",
@@ -32,6 +34,7 @@ ALIASES = {
     "softmax_optimal": SoftmaxOptimal,
     "relu": ReLU,
     "elu": ELU,
+    "hedgehog": Hedgehog,
 }
 
 _MODULE_OBJECTS = {cls.__name__: cls for cls in ALIASES.values()}
@@ -55,7 +58,7 @@ def get(identifier):
     """A `FeatureMap` from a string name, a config dict or an instance.
 
     Names: ``"softmax_positive"``, ``"softmax_hyperbolic"``, ``"softmax_trig"``,
-    ``"softmax_optimal"``, ``"relu"``, ``"elu"``.
+    ``"softmax_optimal"``, ``"relu"``, ``"elu"``, ``"hedgehog"`` (learnable).
     """
     if isinstance(identifier, FeatureMap):
         return identifier

@@ -43,10 +43,13 @@ class FeatureMap:
       runs with one;
     - `output_dim(key_dim, num_random_features)`: the number of features F it returns.
 
-    Override them to declare them instead (a map that cannot run on symbolic inputs must). A map
-    that runs neither way raises a ValueError naming what to define. Register a subclass with
-    `keras.saving.register_keras_serializable` and give it a complete `get_config` so that models
-    using it save and load.
+    Override them to declare them instead (a map that cannot run on symbolic inputs must, and so
+    must a map with weights). A map that runs neither way raises a ValueError naming what to
+    define. A map may also define `build(layer, num_heads, key_dim)` to create trainable weights
+    of its own with `layer.add_weight` (see `Hedgehog`): the layer then owns, trains and saves
+    them, and each layer builds its own copy of the map. Register a subclass with
+    `keras.saving.register_keras_serializable` and give it a complete `get_config` (its
+    constructor arguments, never its weights) so that models using it save and load.
 
     Example:
 
@@ -129,6 +132,20 @@ class FeatureMap:
                 f"{q_shape} and key features of shape {k_shape}"
             )
         return q_shape[-1]
+
+    def build(self, layer, num_heads, key_dim):
+        """Creates the map's own weights, if it has any; the default has none.
+
+        `FavorAttention.build` calls it once, on a copy of the map made for that layer (so two
+        layers never share weights). A map with weights creates them here with
+        `layer.add_weight(...)`, so the layer owns, trains and saves them, and keeps references
+        to them for `features` / `__call__`.
+
+        Args:
+            layer: the `keras.layers.Layer` that owns the weights.
+            num_heads: N.
+            key_dim: H.
+        """
 
     def features(self, x, projection_matrix=None, *, is_query):
         """Features of x (..., H) → (..., F). Override this for a simple, per-token map."""

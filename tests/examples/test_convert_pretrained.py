@@ -67,6 +67,44 @@ def test_main_on_a_handful_of_sentences():
     assert math.isfinite(finetune["heldout_after"]["mean_cosine"])
 
 
+def test_main_with_attention_transfer():
+    # The learnable map: to_favor + attention transfer (maps only) on 6 sentences, 2 held out,
+    # then a distillation epoch.
+    results = cp.main(
+        num_sentences=8,
+        num_random_features=16,
+        transfer_epochs=2,
+        transfer_batch_size=3,
+        transfer_finetune_epochs=1,
+        batch_size=3,
+        verbose=0,
+    )
+    transfer = results["transfer"]
+    assert transfer["train_sentences"] == 6 and transfer["heldout_sentences"] == 2
+    assert transfer["feature_map"] == "hedgehog" and len(transfer["train_loss"]) == 2
+    assert transfer["train_loss"][1] < transfer["train_loss"][0]
+    for key in ("heldout_after", "heldout_after_finetune"):
+        assert 0.4 < transfer[key]["mean_cosine"] <= 1.0, transfer
+    assert len(transfer["finetune_loss"]) == 1
+
+
+def test_transfer_trains_only_the_maps(checkpoint):
+    config, weights = checkpoint
+    small = dict(config, num_hidden_layers=2)
+    exact = cp.build_sentence_encoder(small, "softmax")
+    cp.load_bert_weights(exact, weights, small)
+    ids, mask = cp.tokenize(cp.load_tokenizer(max_length=32), cp.stdlib_sentences(6))
+    favor, history = cp.transfer(exact, ids, mask, epochs=1, batch_size=3)
+    assert len(history.history["loss"]) == 1
+    exact_weights = {w.path: w for w in exact.weights}
+    for w in favor.weights:
+        if "hedgehog" in w.path or w.path.endswith("redraw_count"):
+            continue
+        np.testing.assert_array_equal(w.numpy(), exact_weights[w.path].numpy(), err_msg=w.path)
+    maps = [w for w in favor.trainable_weights if "hedgehog" in w.path]
+    assert len(maps) == 2 * 4  # per block: query and key kernels and biases
+
+
 def test_weight_map_covers_every_weight_with_its_shape(checkpoint):
     config, weights = checkpoint
     mapping = cp.bert_weight_map(config)
@@ -143,3 +181,6 @@ def test_parse_args():
     args = cp.parse_args(["--num-sentences", "5", "--redraw-every-n-steps", "2"])
     assert args.num_sentences == 5 and args.redraw_every_n_steps == 2
     assert args.finetune_epochs == 0 and args.feature_map == "softmax_positive"
+    args = cp.parse_args(["--transfer-epochs", "3", "--transfer-learning-rate", "0.03"])
+    assert args.transfer_epochs == 3 and args.transfer_learning_rate == 0.03
+    assert args.transfer_feature_map == "hedgehog" and args.transfer_finetune_epochs == 0

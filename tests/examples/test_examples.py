@@ -145,6 +145,8 @@ def test_char_lm(tmp_path):
         learning_rate=1e-2,
         redraw_every=2,
         validation_windows=4,
+        convert_steps=3,
+        hedgehog_feature_dim=5,
         max_validation_bytes=20_000,
         output_dir=str(tmp_path),
         verbose=0,
@@ -152,17 +154,34 @@ def test_char_lm(tmp_path):
         **TINY_CORPUS,
     )
     rows = {row["variant"]: row for row in result["results"]}
-    assert list(rows) == list(char_lm.VARIANTS)
-    for row in rows.values():
+    trained = list(char_lm.VARIANTS)
+    assert list(rows) == trained[:1] + [char_lm.CONVERTED] + trained[1:]
+    for name in trained:
+        row = rows[name]
         assert finite(row["val_bits_per_byte"] + row["train_bits_per_byte"])
         assert row["train_bits_per_byte"][-1] < row["train_bits_per_byte"][0]
         assert row["steps"] == [4, 8]
-    # Equal budgets: exact attention has exactly the parameters of the FAVOR variants.
-    assert len({row["parameters"] for row in rows.values()}) == 1
+    # Equal budgets: exact attention has exactly the parameters of the random-feature variants;
+    # the learnable map adds its own (per block, query and key: kernel H x F' and bias F' per
+    # head, F' = hedgehog_feature_dim).
+    assert len({rows[name]["parameters"] for name in trained if name != "favor_hedgehog"}) == 1
+    key_dim = TINY_LM["width"] // TINY_LM["num_heads"]
+    map_parameters = TINY_LM["num_blocks"] * 2 * TINY_LM["num_heads"] * (key_dim + 1) * 5
+    assert rows["favor_hedgehog"]["parameters"] == rows["exact"]["parameters"] + map_parameters
+    # The converted exact model: only the maps trained, for `convert_steps` steps.
+    converted = rows[char_lm.CONVERTED]
+    assert converted["transfer_steps"] == 3 and len(converted["transfer_loss"]) == 1
+    assert converted["trained_parameters"] == map_parameters
+    assert converted["steps"] == [8 + 3]
+    assert converted["exact_validation_bits_per_byte"] == pytest.approx(
+        rows["exact"]["validation_bits_per_byte"], rel=1e-5
+    )
+    assert finite([converted["validation_bits_per_byte"], converted["relative_to_exact"]])
     for name in ("results.md", "results.csv", "results.json", "loss_curves.png"):
         assert os.path.getsize(tmp_path / name) > 0
     with open(tmp_path / "results.json") as f:
-        assert len(json.load(f)["results"]) == len(char_lm.VARIANTS)
+        assert len(json.load(f)["results"]) == len(char_lm.VARIANTS) + 1
+    assert "attention-transfer steps" in (tmp_path / "results.md").read_text()
     assert (tmp_path / "loss_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
