@@ -43,11 +43,11 @@ class FeatureMap:
       runs with one;
     - `output_dim(key_dim, num_random_features)`: the number of features F it returns.
 
-    Override them to declare them instead (a map that cannot run on symbolic inputs must, and so
-    must a map with weights). A map that runs neither way raises a ValueError naming what to
-    define. A map may also define `build(layer, num_heads, key_dim)` to create trainable weights
-    of its own with `layer.add_weight` (see `Hedgehog`): the layer then owns, trains and saves
-    them, and each layer builds its own copy of the map. Register a subclass with
+    Override them to declare them instead (a map that cannot run on symbolic inputs must). A map
+    that runs neither way raises a ValueError naming what to define. A map may also define
+    `build(layer, num_heads, key_dim)` to create trainable weights of its own with
+    `layer.add_weight` (see `Hedgehog`): the layer then owns, trains and saves them, and each
+    layer builds its own copy of the map (the probe runs on a copy built on a throwaway layer). Register a subclass with
     `keras.saving.register_keras_serializable` and give it a complete `get_config` (its
     constructor arguments, never its weights) so that models using it save and load.
 
@@ -97,10 +97,15 @@ class FeatureMap:
         x = keras.KerasTensor((1, 1, 2, key_dim), dtype="float32")  # (B, N, L, H)
         omega = keras.KerasTensor((num_random_features, key_dim), dtype="float32")  # (M, H)
         declared = _overrides(self, "uses_random_features")
+        probed = self
+        if _overrides(self, "build"):
+            # A map with weights runs as a copy built on a throwaway layer (one head).
+            probed = type(self).from_config(self.get_config())
+            probed.build(keras.layers.Layer(name="feature_map_probe"), 1, key_dim)
         errors = {}
         for uses in (self.uses_random_features,) if declared else (False, True):
             try:
-                q_feat, k_feat = self(x, x, omega if uses else None)
+                q_feat, k_feat = probed(x, x, omega if uses else None)
             except Exception as error:  # user code: any failure is reported below, as the cause
                 errors[uses] = error
                 continue

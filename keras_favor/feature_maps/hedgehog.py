@@ -102,6 +102,10 @@ class Hedgehog(FeatureMap):
         self.kernel_initializer = kernel_initializer
         self.query_kernel = self.query_bias = self.key_kernel = self.key_bias = None
 
+    @property
+    def uses_random_features(self):
+        return False
+
     def output_dim(self, key_dim, num_random_features=None):
         return 2 * (self.feature_dim or key_dim)
 

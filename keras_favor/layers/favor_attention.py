@@ -317,10 +317,10 @@ class FavorAttention(keras.layers.MultiHeadAttention):
             autocast=False,
             aggregation="only_first_replica",
         )
-        if type(self._feature_map).build is not feature_maps_lib.FeatureMap.build:
+        if type(self.feature_map).build is not feature_maps_lib.FeatureMap.build:
             # A map with weights: a copy of its own per layer, whose weights this layer owns.
-            self._feature_map = type(self._feature_map).from_config(self._feature_map.get_config())
-        self._feature_map.build(self, self._num_heads, self._key_dim)
+            self.feature_map = type(self.feature_map).from_config(self.feature_map.get_config())
+        self.feature_map.build(self, self._num_heads, self._key_dim)
 
     def _build_attention(self, rank):
         # No softmax and no score equations: FAVOR's only attention sub-layer is the dropout on
