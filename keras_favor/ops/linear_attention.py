@@ -384,7 +384,9 @@ def _decayed_exclusive_prefix_sum(x, log_rate, num_chunks, reverse=False, block=
         num_blocks = (num_chunks + pad) // block
         flat = ops.pad(flat, [[0, 0], [0, pad], [0, 0]])
         blocks = ops.reshape(flat, (heads, num_blocks, block, -1))  # (N, K', G, E)
-        within = ops.matmul(ops.expand_dims(_decay_matrix(block, log_rate, reverse), 1), blocks)
+        # (N, K', G, E): every block against the (N, G, G) decay matrix (an einsum, not a
+        # broadcast batch matmul, which LiteRT's XNNPack delegate failed to reshape).
+        within = ops.einsum("ngh,nkhe->nkge", _decay_matrix(block, log_rate, reverse), blocks)
         idx = ops.cast(ops.arange(block), "float32")
         log_rate_g = ops.reshape(log_rate, (-1, 1))  # (N, 1)
         # Each block's total decayed to its end (reverse: its start), then carried across
@@ -392,7 +394,7 @@ def _decayed_exclusive_prefix_sum(x, log_rate, num_chunks, reverse=False, block=
         # before its end).
         to_edge = ops.exp(log_rate_g * (idx if reverse else block - 1.0 - idx))  # (N, G)
         from_edge = ops.exp(log_rate_g * ((block - 1.0 - idx) if reverse else idx))  # (N, G)
-        totals = ops.einsum("nkge,ng->nke", blocks, to_edge)  # (N, K', E)
+        totals = ops.sum(blocks * ops.reshape(to_edge, (heads, 1, block, 1)), axis=2)  # (N, K', E)
         across = ops.matmul(_decay_matrix(num_blocks, log_rate * block, reverse), totals)
         carried = ops.expand_dims(across, 2) * ops.expand_dims(ops.expand_dims(from_edge, 1), 3)
         out = ops.reshape(within + carried, (heads, num_blocks * block, -1))[:, :num_chunks]
