@@ -8,7 +8,9 @@ and training loop) for the same number of optimizer steps on the same number of 
 - `decay_conv`: decay and a causal depthwise convolution of kernel 4 before the projections;
 - `decay_conv_nope`: the same without rotary position embeddings;
 - `decay_conv_1024`: decay and convolution on 1024-byte windows (4x fewer windows per step, as
-  many bytes: FAVOR's cost per byte does not grow with the window), reach capped at 1024.
+  many bytes: FAVOR's cost per byte does not grow with the window), reach capped at 1024;
+- `decay_conv_reach64`, `decay_conv_1024_reach256`: reaches 16..64 on 256-byte windows and
+  32..256 on 1024-byte windows: every head forgets well inside the training window.
 
 For each: validation bits per byte on 256-byte windows, then on validation sequences of 8192 bytes
 by span (0-256, 256-1024, 1024-4096, 4096-8192) against the same bytes cut into 256-byte windows
@@ -30,6 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import RESULTS_DIR, run_info, write_json  # noqa: E402
 
 WINDOW = 256
+CURVE_BIN = 64  # the stored loss-by-position curves are means over bins of this many bytes
 CONFIGS = {
     "baseline": dict(sequence_length=256),
     "decay": dict(sequence_length=256, decay=True),
@@ -38,6 +41,15 @@ CONFIGS = {
         sequence_length=256, decay=True, causal_conv_kernel_size=4, use_rotary_embedding=False
     ),
     "decay_conv_1024": dict(sequence_length=1024, decay=True, causal_conv_kernel_size=4),
+    # Reaches well inside the training window: every head's state is at its steady size long
+    # before the window ends, so that longer sequences look like the training ones.
+    "decay_conv_reach64": dict(sequence_length=256, decay=(16, 64), causal_conv_kernel_size=4),
+    "decay_conv_1024_reach256": dict(
+        sequence_length=1024, decay=(32, 256), causal_conv_kernel_size=4
+    ),
+    "decay_conv_reach64_nope": dict(
+        sequence_length=256, decay=(16, 64), causal_conv_kernel_size=4, use_rotary_embedding=False
+    ),
 }
 
 
@@ -51,8 +63,10 @@ def run_config(name, steps, bytes_per_step, long_length, num_sequences, seed, ve
     options = dict(CONFIGS[name])
     sequence_length = options.pop("sequence_length")
     num_heads = 4
-    if options.pop("decay", False):
-        options["decay"] = decay_rates(num_heads, longest_reach=sequence_length)
+    decay = options.pop("decay", None)
+    if decay:
+        shortest, longest = (32, sequence_length) if decay is True else decay
+        options["decay"] = decay_rates(num_heads, shortest, longest)
     keras.utils.set_random_seed(seed)
     corpus = data.load_corpus()
     model = quickstart.build_model(num_heads=num_heads, seed=seed, **options)
@@ -85,9 +99,15 @@ def run_config(name, steps, bytes_per_step, long_length, num_sequences, seed, ve
         "spans": [
             {"start": s, "end": e, "full": f, "windowed": w, "ratio": r} for s, e, f, w, r in rows
         ],
-        "curve_full": [round(float(v), 4) for v in full],
-        "curve_windowed": [round(float(v), 4) for v in windowed],
+        "curve_full": binned(full),
+        "curve_windowed": binned(windowed),
     }
+
+
+def binned(curve):
+    """Means of `curve` over consecutive `CURVE_BIN`-position bins, rounded, as a list."""
+    bins = curve[: curve.size // CURVE_BIN * CURVE_BIN].reshape(-1, CURVE_BIN).mean(axis=1)
+    return [round(float(v), 4) for v in bins]
 
 
 def goals(result):
@@ -137,15 +157,19 @@ def plot(results, path):
     import numpy as np
 
     figure, axes = plt.subplots(figsize=(8, 4.5))
-    kernel = np.ones(WINDOW) / WINDOW
+    smooth = WINDOW // CURVE_BIN
+    kernel = np.ones(smooth) / smooth
+
+    def line(curve, *args, **kwargs):
+        curve = np.convolve(curve, kernel, mode="valid")
+        axes.plot((np.arange(curve.size) + smooth) * CURVE_BIN, curve, *args, **kwargs)
+
     for name, result in results.items():
-        curve = np.convolve(result["curve_full"], kernel, mode="valid")
-        axes.plot(np.arange(curve.size) + WINDOW, curve, label=name)
-    windowed = np.convolve(results[next(iter(results))]["curve_windowed"], kernel, mode="valid")
-    axes.plot(np.arange(windowed.size) + WINDOW, windowed, "k:", label="baseline, 256-byte windows")
+        line(result["curve_full"], label=name)
+    line(results[next(iter(results))]["curve_windowed"], "k:", label="256-byte windows (first)")
     axes.set_xscale("log")
     axes.set_xlabel("position (bytes)")
-    axes.set_ylabel(f"bits per byte (mean over {WINDOW} positions)")
+    axes.set_ylabel(f"bits per byte (mean over the last {WINDOW} positions)")
     axes.grid(True, which="both", alpha=0.3)
     axes.legend(fontsize=8)
     figure.tight_layout()
@@ -189,6 +213,7 @@ def main(argv=None):
             long_length=args.long_length,
             num_sequences=args.num_sequences,
             seed=args.seed,
+            curve_bin=CURVE_BIN,
         )
         write_json(os.path.basename(args.output)[:-5], {**info, "results": results}, args.output)
         print_table({name: result})
