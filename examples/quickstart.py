@@ -9,8 +9,13 @@ What it does:
 1. Loads a real corpus present on every machine: the Python standard library's own source code,
    as bytes (vocabulary 256), split by file into training and validation (`examples/data.py`).
 2. Builds a small byte-level language model with the functional API: token embeddings, causal
-   `FavorTransformerDecoder` blocks with rotary position embeddings (no length limit), a final
-   layer norm and a Dense head over the 256 bytes.
+   `FavorTransformerDecoder` blocks, a final layer norm and a Dense head over the 256 bytes. Each
+   block decays its heads' causal state (reaches 16 to 64 bytes, well inside the training
+   window) and mixes its input with a causal depthwise convolution of kernel 4 (local order);
+   there are no position embeddings (NoPE), so nothing depends on the absolute position and any
+   length works. `benchmarks/long_context.py` compares this with rotary positions, longer
+   reaches and longer training windows: it is the configuration whose loss on long sequences
+   is below that of the same bytes cut into 256-byte windows.
 3. Trains it with Keras `fit` (progress bars) on 256-byte windows, with `RedrawRandomFeatures`
    redrawing the random features of every FAVOR layer every few hundred steps; reports
    validation bits per byte.
@@ -20,7 +25,10 @@ What it does:
 5. Runs a sequence of 8192 bytes through Keras, the SavedModel (loaded back with
    `tf.saved_model.load`, serving signature) and the TFLite model (LiteRT `Interpreter`, input
    resized to the sequence length), and checks that all three agree.
-6. Generates a sample token by token with streaming decoding (`keras_favor.layers.decode_step`:
+6. Scores validation sequences of 8192 bytes by position, against the same bytes cut into
+   256-byte windows: prints the table by span (0-256, 256-1024, 1024-4096, 4096-8192) and
+   writes the plot `examples/results/quickstart/position_loss.png`.
+7. Generates a sample token by token with streaming decoding (`keras_favor.layers.decode_step`:
    constant cost per token, a fixed-size state), checks it against the full forward pass, and
    prints the sample and the timings.
 
@@ -363,9 +371,11 @@ def main(
     num_blocks=2,
     intermediate_dim=512,
     num_random_features=64,
-    decay=False,
-    causal_conv_kernel_size=0,
-    rotary=True,
+    decay=True,
+    shortest_reach=16,
+    longest_reach=64,
+    causal_conv_kernel_size=4,
+    rotary=False,
     learning_rate=2e-3,
     redraw_every=400,
     validation_windows=64,
@@ -375,6 +385,7 @@ def main(
     max_validation_bytes=None,
     long_length=8192,
     num_long_sequences=4,
+    comparison_window=256,
     sample_length=400,
     prompt=DEFAULT_PROMPT,
     temperature=0.8,
@@ -393,8 +404,10 @@ def main(
         batch_size, sequence_length: training windows per step and their length in bytes.
         width, num_heads, num_blocks, intermediate_dim, num_random_features: the model's size.
         decay: decay each head's causal FAVOR state, at the rates
-            `keras_favor.ops.decay_rates(num_heads, longest_reach=W)` where W is the longest
-            training window, so that no head reaches further than training showed it.
+            `keras_favor.ops.decay_rates(num_heads, shortest_reach, longest_reach)`.
+        shortest_reach, longest_reach: the reaches (1 / (1 − γ) positions) of the fastest and
+            the slowest head; `longest_reach` 0 means the longest training window, so that no
+            head reaches further than training showed it.
         causal_conv_kernel_size: a causal depthwise convolution over this many positions before
             each block's query, key and value projections (0: none).
         rotary: rotary position embeddings (RoPE) in every block.
@@ -406,15 +419,14 @@ def main(
             byte use.
         long_steps, long_sequence_length: a last epoch of `long_steps` steps on windows of
             `long_sequence_length` bytes (as many bytes per step), so that the model adapts to
-            long contexts; 0 (the default) skips it. On this small model, 300 steps on
-            2048-byte windows improve the 8192-byte sequence's bits per byte (5.9 -> 3.9 in one
-            run) but cost short-window quality (validation 2.4 -> 2.8).
+            long contexts; 0 (the default) skips it.
         max_train_bytes, max_validation_bytes: cap the corpus (None: the whole stdlib source).
         long_length: the length of the sequence run through Keras, SavedModel and TFLite, and of
             the validation sequences scored by position.
         num_long_sequences: how many `long_length`-byte validation sequences (spread over the
-            split) the loss by position averages; the same bytes are also scored cut into
-            `sequence_length`-byte windows.
+            split) the loss by position averages.
+        comparison_window: the same bytes are also scored cut into windows of this many bytes;
+            the table by span compares the two.
         sample_length: bytes to generate with streaming decoding.
         prompt: the text the sample starts from.
         temperature: sampling temperature.
@@ -445,7 +457,11 @@ def main(
     print(f"Corpus: Python {sys.version.split()[0]} standard library source, {corpus}")
 
     longest_window = long_sequence_length if long_steps else sequence_length
-    rates = keras_favor.ops.decay_rates(num_heads, longest_reach=longest_window) if decay else None
+    rates = None
+    if decay:
+        rates = keras_favor.ops.decay_rates(
+            num_heads, shortest_reach, longest_reach or longest_window
+        )
     model = build_model(
         width=width,
         num_heads=num_heads,
@@ -542,22 +558,22 @@ def main(
     # The loss by position: does the context help?
     with timed(timings, f"loss by position, {num_long_sequences} x {long_length} tokens"):
         full_curve, windowed_curve = position_losses(
-            model, corpus, long_length, sequence_length, num_long_sequences
+            model, corpus, long_length, comparison_window, num_long_sequences
         )
     spans = span_table(full_curve, windowed_curve)
     print(
         f"\nBits per byte by span of {full_curve.size}-byte validation sequences (mean of "
         f"{num_long_sequences}), with the whole sequence as context and with the same bytes cut "
-        f"into {sequence_length}-byte windows:\n" + format_span_table(spans, sequence_length)
+        f"into {comparison_window}-byte windows:\n" + format_span_table(spans, comparison_window)
     )
     os.makedirs(results_dir, exist_ok=True)
     plot_path = plot_position_losses(
         os.path.join(results_dir, "position_loss.png"),
         {
             "whole sequence as context": full_curve,
-            f"cut into {sequence_length}-byte windows": windowed_curve,
+            f"cut into {comparison_window}-byte windows": windowed_curve,
         },
-        window=sequence_length,
+        window=comparison_window,
         title=f"Quickstart model: validation loss by position ({', '.join(options)})",
     )
     table_path = os.path.join(results_dir, "position_loss.json")
