@@ -166,8 +166,11 @@ def plot(results, path):
 
     for name, result in results.items():
         line(result["curve_full"], label=name)
-    line(results[next(iter(results))]["curve_windowed"], "k:", label="256-byte windows (first)")
+    first = next(iter(results))
+    line(results[first]["curve_windowed"], "k:", label=f"{first}, cut into {WINDOW}-byte windows")
     axes.set_xscale("log")
+    axes.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    axes.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     axes.set_xlabel("position (bytes)")
     axes.set_ylabel(f"bits per byte (mean over the last {WINDOW} positions)")
     axes.grid(True, which="both", alpha=0.3)

@@ -275,12 +275,14 @@ def plot_position_losses(path, curves, window=256, title=None):
         smooth = np.convolve(curve, kernel, mode="valid")
         axes.plot(np.arange(smooth.size) + window, smooth, label=name)
     axes.set_xscale("log")
+    axes.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    axes.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     axes.set_xlabel("position (bytes), mean over the preceding window")
     axes.set_ylabel("bits per byte")
     axes.grid(True, which="both", alpha=0.3)
     axes.legend()
     if title:
-        axes.set_title(title)
+        axes.set_title(title, fontsize=9)
     figure.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     figure.savefig(path, dpi=120)
@@ -574,7 +576,7 @@ def main(
             f"cut into {comparison_window}-byte windows": windowed_curve,
         },
         window=comparison_window,
-        title=f"Quickstart model: validation loss by position ({', '.join(options)})",
+        title=f"Quickstart model, validation loss by position\n{', '.join(options)}",
     )
     table_path = os.path.join(results_dir, "position_loss.json")
     with open(table_path, "w") as f:
