@@ -9,8 +9,13 @@ What it does:
 1. Loads a real corpus present on every machine: the Python standard library's own source code,
    as bytes (vocabulary 256), split by file into training and validation (`examples/data.py`).
 2. Builds a small byte-level language model with the functional API: token embeddings, causal
-   `FavorTransformerDecoder` blocks with rotary position embeddings (no length limit), a final
-   layer norm and a Dense head over the 256 bytes.
+   `FavorTransformerDecoder` blocks, a final layer norm and a Dense head over the 256 bytes. Each
+   block decays its heads' causal state (reaches 16 to 64 bytes, well inside the training
+   window) and mixes its input with a causal depthwise convolution of kernel 4 (local order);
+   there are no position embeddings (NoPE), so nothing depends on the absolute position and any
+   length works. `benchmarks/long_context.py` compares this with rotary positions, longer
+   reaches and longer training windows: it is the configuration whose loss on long sequences
+   is below that of the same bytes cut into 256-byte windows.
 3. Trains it with Keras `fit` (progress bars) on 256-byte windows, with `RedrawRandomFeatures`
    redrawing the random features of every FAVOR layer every few hundred steps; reports
    validation bits per byte.
@@ -20,7 +25,10 @@ What it does:
 5. Runs a sequence of 8192 bytes through Keras, the SavedModel (loaded back with
    `tf.saved_model.load`, serving signature) and the TFLite model (LiteRT `Interpreter`, input
    resized to the sequence length), and checks that all three agree.
-6. Generates a sample token by token with streaming decoding (`keras_favor.layers.decode_step`:
+6. Scores validation sequences of 8192 bytes by position, against the same bytes cut into
+   256-byte windows: prints the table by span (0-256, 256-1024, 1024-4096, 4096-8192) and
+   writes the plot `examples/results/quickstart/position_loss.png`.
+7. Generates a sample token by token with streaming decoding (`keras_favor.layers.decode_step`:
    constant cost per token, a fixed-size state), checks it against the full forward pass, and
    prints the sample and the timings.
 
@@ -28,6 +36,7 @@ Every setting is an argument of `main` (and a command-line option: `--help`).
 """
 
 import contextlib
+import json
 import os
 import sys
 import time
@@ -51,6 +60,7 @@ from keras_favor.layers import (  # noqa: E402
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_OUTPUT = os.path.join(REPO_ROOT, "saved_models", "quickstart")
+DEFAULT_RESULTS = os.path.join(REPO_ROOT, "examples", "results", "quickstart")
 DEFAULT_PROMPT = "import os\n\n\nclass "
 
 
@@ -63,13 +73,17 @@ def build_model(
     feature_map="softmax_positive",
     causal_chunk_size=128,
     dropout=0.0,
+    decay=None,
+    causal_conv_kernel_size=None,
+    use_rotary_embedding=True,
     seed=0,
 ):
     """A byte-level causal FAVOR+ Transformer language model (functional API).
 
     token_ids (B, L) int32 -> token embeddings (B, L, E) -> `num_blocks` pre-LN
     `FavorTransformerDecoder` blocks with rotary position embeddings -> LayerNorm -> Dense logits
-    (B, L, 256). Any length L works: rotary embeddings have no table to outgrow.
+    (B, L, 256). Any length L works: rotary embeddings have no table to outgrow. `decay`,
+    `causal_conv_kernel_size` and `use_rotary_embedding` are the blocks' arguments.
     """
     token_ids = keras.Input((None,), dtype="int32", name="token_ids")
     x = TokenAndPositionEmbedding(
@@ -90,7 +104,9 @@ def build_model(
             feature_map=feature_map,
             num_random_features=num_random_features,
             causal_chunk_size=causal_chunk_size,
-            use_rotary_embedding=True,
+            use_rotary_embedding=use_rotary_embedding,
+            decay=decay,
+            causal_conv_kernel_size=causal_conv_kernel_size,
             seed=seed * 1000 + i,  # a distinct seed per block
             name=f"decoder_{i}",
         )(x)
@@ -193,6 +209,87 @@ def long_sequence(corpus, length):
     return chunk[None, :-1], chunk[None, 1:]
 
 
+SPANS = ((0, 256), (256, 1024), (1024, 4096), (4096, 8192))
+
+
+def token_losses(logits, targets):
+    """Next-byte cross-entropy in nats of every position: numpy logits (..., V), targets (...)."""
+    logits = np.asarray(logits, dtype=np.float64)
+    logits = logits - logits.max(axis=-1, keepdims=True)
+    log_norm = np.log(np.exp(logits).sum(axis=-1))
+    return log_norm - np.take_along_axis(logits, np.asarray(targets)[..., None], axis=-1)[..., 0]
+
+
+def position_losses(model, corpus, length=8192, window=256, num_sequences=4, batch_size=8):
+    """Bits per byte by position on `num_sequences` validation sequences of `length` bytes.
+
+    The sequences are spread evenly over the validation split. The same bytes are also cut into
+    `window`-byte windows, each predicted on its own, so that the two curves score the same
+    targets: the first with all the context before each byte, the second with at most `window`
+    bytes of it.
+
+    Returns:
+        (bits per byte by position, (length,), with the whole sequence as context; the same with
+        `window`-byte windows as context).
+    """
+    ids, targets = data.validation_windows(corpus.validation, length, num_sequences)
+    full = token_losses(model.predict(ids, batch_size=1, verbose=0), targets)
+    cut = ids.shape[0] * length // window
+    windowed_logits = model.predict(ids.reshape(cut, window), batch_size=batch_size, verbose=0)
+    windowed = token_losses(windowed_logits, targets.reshape(cut, window))
+    to_bits = 1 / np.log(2)
+    return full.mean(axis=0) * to_bits, windowed.reshape(ids.shape).mean(axis=0) * to_bits
+
+
+def span_table(full, windowed, spans=SPANS):
+    """Rows (start, end, bits per byte with full context, with windows, ratio) of each span
+    inside the curves' length, then the whole sequence."""
+    rows = [
+        (start, end, float(full[start:end].mean()), float(windowed[start:end].mean()))
+        for start, end in spans
+        if end <= full.size
+    ]
+    rows.append((0, full.size, float(full.mean()), float(windowed.mean())))
+    return [(start, end, f, w, f / w) for start, end, f, w in rows]
+
+
+def format_span_table(rows, window=256):
+    """The span table as text, one line per span."""
+    lines = [f"  {'bytes':>11}  {'full context':>12}  {f'{window}-byte windows':>17}  {'ratio':>6}"]
+    for start, end, full, windowed, ratio in rows:
+        lines.append(f"  {f'{start}-{end}':>11}  {full:12.3f}  {windowed:17.3f}  {ratio:6.3f}")
+    return "\n".join(lines)
+
+
+def plot_position_losses(path, curves, window=256, title=None):
+    """Writes a PNG of bits per byte by position (log x), one line per `curves` name -> array,
+    each smoothed over `window` positions."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 4))
+    for name, curve in curves.items():
+        kernel = np.ones(window) / window
+        smooth = np.convolve(curve, kernel, mode="valid")
+        axes.plot(np.arange(smooth.size) + window, smooth, label=name)
+    axes.set_xscale("log")
+    axes.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    axes.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    axes.set_xlabel("position (bytes), mean over the preceding window")
+    axes.set_ylabel("bits per byte")
+    axes.grid(True, which="both", alpha=0.3)
+    axes.legend()
+    if title:
+        axes.set_title(title, fontsize=9)
+    figure.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
 def run_saved_model(saved_model_dir, token_ids):
     """Runs the `serving_default` signature of a SavedModel loaded with `tf.saved_model.load`."""
     import tensorflow as tf
@@ -276,6 +373,11 @@ def main(
     num_blocks=2,
     intermediate_dim=512,
     num_random_features=64,
+    decay=True,
+    shortest_reach=16,
+    longest_reach=64,
+    causal_conv_kernel_size=4,
+    rotary=False,
     learning_rate=2e-3,
     redraw_every=400,
     validation_windows=64,
@@ -284,12 +386,15 @@ def main(
     max_train_bytes=None,
     max_validation_bytes=None,
     long_length=8192,
+    num_long_sequences=4,
+    comparison_window=256,
     sample_length=400,
     prompt=DEFAULT_PROMPT,
     temperature=0.8,
     tolerance=1e-3,
     output=DEFAULT_OUTPUT,
     tflite_path=None,
+    results_dir=DEFAULT_RESULTS,
     seed=0,
     verbose=1,
 ):
@@ -300,6 +405,14 @@ def main(
         epochs: the steps are split into this many epochs, each followed by a validation pass.
         batch_size, sequence_length: training windows per step and their length in bytes.
         width, num_heads, num_blocks, intermediate_dim, num_random_features: the model's size.
+        decay: decay each head's causal FAVOR state, at the rates
+            `keras_favor.ops.decay_rates(num_heads, shortest_reach, longest_reach)`.
+        shortest_reach, longest_reach: the reaches (1 / (1 − γ) positions) of the fastest and
+            the slowest head; `longest_reach` 0 means the longest training window, so that no
+            head reaches further than training showed it.
+        causal_conv_kernel_size: a causal depthwise convolution over this many positions before
+            each block's query, key and value projections (0: none).
+        rotary: rotary position embeddings (RoPE) in every block.
         learning_rate: peak learning rate (linear warm-up, cosine decay).
         redraw_every: redraw the random features every this many steps (0 or None: never).
             The default leaves the last few hundred steps to settle on the final features
@@ -308,11 +421,14 @@ def main(
             byte use.
         long_steps, long_sequence_length: a last epoch of `long_steps` steps on windows of
             `long_sequence_length` bytes (as many bytes per step), so that the model adapts to
-            long contexts; 0 (the default) skips it. On this small model, 300 steps on
-            2048-byte windows improve the 8192-byte sequence's bits per byte (5.9 -> 3.9 in one
-            run) but cost short-window quality (validation 2.4 -> 2.8).
+            long contexts; 0 (the default) skips it.
         max_train_bytes, max_validation_bytes: cap the corpus (None: the whole stdlib source).
-        long_length: the length of the sequence run through Keras, SavedModel and TFLite.
+        long_length: the length of the sequence run through Keras, SavedModel and TFLite, and of
+            the validation sequences scored by position.
+        num_long_sequences: how many `long_length`-byte validation sequences (spread over the
+            split) the loss by position averages.
+        comparison_window: the same bytes are also scored cut into windows of this many bytes;
+            the table by span compares the two.
         sample_length: bytes to generate with streaming decoding.
         prompt: the text the sample starts from.
         temperature: sampling temperature.
@@ -320,6 +436,8 @@ def main(
         output: the SavedModel base directory (TF Serving `--model_base_path`); the model goes
             into `<output>/1/`, the `.keras` file to `<output>.keras`.
         tflite_path: the `.tflite` file (default `<output>.tflite`).
+        results_dir: where the loss-by-position plot (`position_loss.png`) and table
+            (`position_loss.json`) go.
         seed: seeds weights, random features, data order and sampling.
         verbose: 1 shows Keras progress bars, 0 is quiet (the summary is printed either way).
 
@@ -340,18 +458,32 @@ def main(
         corpus = data.load_corpus(max_train_bytes, max_validation_bytes)
     print(f"Corpus: Python {sys.version.split()[0]} standard library source, {corpus}")
 
+    longest_window = long_sequence_length if long_steps else sequence_length
+    rates = None
+    if decay:
+        rates = keras_favor.ops.decay_rates(
+            num_heads, shortest_reach, longest_reach or longest_window
+        )
     model = build_model(
         width=width,
         num_heads=num_heads,
         num_blocks=num_blocks,
         intermediate_dim=intermediate_dim,
         num_random_features=num_random_features,
+        decay=rates,
+        causal_conv_kernel_size=causal_conv_kernel_size or None,
+        use_rotary_embedding=rotary,
         seed=seed,
     )
+    options = [f"{num_random_features} random features", "rotary positions" if rotary else "NoPE"]
+    if rates:
+        reaches = ", ".join(f"{1 / (1 - g):.0f}" for g in rates)
+        options.append(f"state decay (reaches {reaches} bytes)")
+    if causal_conv_kernel_size:
+        options.append(f"causal convolution of kernel {causal_conv_kernel_size}")
     print(
         f"Model: {num_blocks} FavorTransformerDecoder blocks, width {width}, {num_heads} heads, "
-        f"{num_random_features} random features, rotary positions; "
-        f"{data.trainable_parameters(model):,} trainable parameters"
+        f"{', '.join(options)}; {data.trainable_parameters(model):,} trainable parameters"
     )
     with timed(timings, "train"):
         history, redraw = train(
@@ -417,13 +549,6 @@ def main(
         f"\n{long_length}-byte validation sequence, bits per byte: "
         + ", ".join(f"{name} {value:.4f}" for name, value in long_bpb.items())
     )
-    trained = long_sequence_length if long_steps else sequence_length
-    if long_length > 2 * trained:
-        print(
-            f"  (the longest training windows had {trained} bytes: over much longer spans this "
-            "small model degrades. FAVOR's cost per byte does not grow with the window: "
-            "--long-steps trains on longer ones.)"
-        )
     print(
         "Largest |logit difference| from Keras: "
         + ", ".join(f"{name} {value:.2e}" for name, value in differences.items())
@@ -431,6 +556,43 @@ def main(
     bad = {name: value for name, value in differences.items() if not value <= tolerance}
     if bad:
         raise RuntimeError(f"Exported models disagree with Keras beyond {tolerance}: {bad}")
+
+    # The loss by position: does the context help?
+    with timed(timings, f"loss by position, {num_long_sequences} x {long_length} tokens"):
+        full_curve, windowed_curve = position_losses(
+            model, corpus, long_length, comparison_window, num_long_sequences
+        )
+    spans = span_table(full_curve, windowed_curve)
+    print(
+        f"\nBits per byte by span of {full_curve.size}-byte validation sequences (mean of "
+        f"{num_long_sequences}), with the whole sequence as context and with the same bytes cut "
+        f"into {comparison_window}-byte windows:\n" + format_span_table(spans, comparison_window)
+    )
+    os.makedirs(results_dir, exist_ok=True)
+    plot_path = plot_position_losses(
+        os.path.join(results_dir, "position_loss.png"),
+        {
+            "whole sequence as context": full_curve,
+            f"cut into {comparison_window}-byte windows": windowed_curve,
+        },
+        window=comparison_window,
+        title=f"Quickstart model, validation loss by position\n{', '.join(options)}",
+    )
+    table_path = os.path.join(results_dir, "position_loss.json")
+    with open(table_path, "w") as f:
+        json.dump(
+            {
+                "options": options,
+                "steps": steps,
+                "validation_bits_per_byte": val_bpb,
+                "spans": [
+                    dict(zip(("start", "end", "full", "windowed", "ratio"), row)) for row in spans
+                ],
+            },
+            f,
+            indent=2,
+        )
+    print(f"Wrote {plot_path} and {table_path}")
 
     # Streaming generation: one decode_step per token, a fixed-size state.
     prompt_ids = data.encode(prompt)
@@ -475,6 +637,8 @@ def main(
         "history": {"loss": losses, "val_loss": val_losses},
         "validation_bits_per_byte": val_bpb,
         "long_sequence_bits_per_byte": long_bpb,
+        "spans": spans,
+        "position_loss_plot": plot_path,
         "differences": differences,
         "decode_difference": decode_difference,
         "redraw_counts": redraws,

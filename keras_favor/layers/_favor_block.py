@@ -104,12 +104,12 @@ def hidden_dim_of(shape, name, num_heads, use_rotary_embedding):
     return hidden_dim, key_dim
 
 
-def make_attention(block, key_dim, seed_index, name, rotary):
+def make_attention(block, key_dim, seed_index, name, rotary, decay=None):
     """The block's attention layer (RoPE-capable if `rotary`).
 
-    A `FavorAttention` with the block's options, or, with `attention_type="softmax"`, a
-    `keras.layers.MultiHeadAttention` with the same sub-layers and weights (the FAVOR options are
-    then unused).
+    A `FavorAttention` with the block's options (and `decay`), or, with
+    `attention_type="softmax"`, a `keras.layers.MultiHeadAttention` with the same sub-layers and
+    weights (the FAVOR options are then unused).
     """
     kwargs = dict(
         num_heads=block.num_heads,
@@ -134,6 +134,8 @@ def make_attention(block, key_dim, seed_index, name, rotary):
         row_norms=block.row_norms,
         causal_chunk_size=block.causal_chunk_size,
     )
+    if decay is not None:
+        kwargs["decay"] = decay
     if rotary:
         return RotaryFavorAttention(rotary_max_wavelength=block.rotary_max_wavelength, **kwargs)
     return FavorAttention(**kwargs)
@@ -232,11 +234,11 @@ class FavorBlockBase(keras.layers.Layer):
             check_attention_mask(mask, name, keys.shape[0], keys.shape[1])
         return mask
 
-    def _build_self_attention(self, shape, name):
+    def _build_self_attention(self, shape, name, decay=None):
         """Builds the self-attention sub-layer, its layer norm and dropout; returns the key dim."""
         _, key_dim = hidden_dim_of(shape, name, self.num_heads, self.use_rotary_embedding)
         self._self_attention_layer = make_attention(
-            self, key_dim, SELF_ATTENTION, "self_attention", self.use_rotary_embedding
+            self, key_dim, SELF_ATTENTION, "self_attention", self.use_rotary_embedding, decay
         )
         self._self_attention_layer.build(shape, shape)
         self._self_attention_layer_norm = self._layer_norm("self_attention_layer_norm", shape)
@@ -293,16 +295,18 @@ class FavorBlockBase(keras.layers.Layer):
             x = layer_norm(x)
         return x
 
-    def _attention_sub_block(self, x, layers, value, masks, training, **attention_kwargs):
+    def _attention_sub_block(self, x, layers, value, masks, training, mix=None, **attention_kwargs):
         """x + dropout(attention(x, value)) with its layer norm (self-attention: value None).
 
         `layers` is (attention, layer norm, dropout); `masks` is (query_mask, value_mask,
-        attention_mask).
+        attention_mask); `mix`, if given, maps the attention's input before its projections.
         """
         attention, layer_norm, dropout = layers
         query_mask, value_mask, attention_mask = masks
 
         def attend(h):
+            if mix is not None:
+                h = mix(h)
             return attention(
                 h,
                 h if value is None else value,

@@ -17,6 +17,7 @@ from keras_favor.ops.linear_attention import (
     favor_attention,
     favor_attention_step,
     favor_initial_state,
+    head_decay,
 )
 from keras_favor.ops.random_features import ROW_NORMS, derive_seed, random_features_matrix
 
@@ -136,6 +137,15 @@ class FavorAttention(keras.layers.MultiHeadAttention):
         orthogonal: draw ω as stacked orthogonal blocks (lower variance) or i.i.d. Gaussian rows.
         row_norms: `"chi"` (every row marginally N(0, I): unbiased) or `"sqrt_dim"`.
         causal_chunk_size: C, the chunk length of the exact chunked causal algorithm.
+        decay: a per-head decay γ of the causal state (RetNet-style), for causal attention
+            only: S_t = γ·S_(t−1) + φ(k_t)v_tᵀ and z_t = γ·z_(t−1) + φ(k_t), so a key t − j
+            positions back weighs γ^(t−j) (a reach of about 1/(1 − γ) positions). None (the
+            default: no decay); `"retnet"`: γ_h = 1 − 2^(−5−h) for head h; one number in (0, 1]
+            for every head; or a list of `num_heads` numbers in (0, 1] (1: no decay), e.g. from
+            `keras_favor.ops.decay_rates(num_heads, longest_reach=...)`, which caps the slowest
+            head's reach. Exact in the chunked causal form and in `step`, at the same cost and
+            state size. Calling a layer with a decay without `use_causal_mask=True` raises a
+            ValueError.
         seed: None or an int. None gives every layer its own random projection; an int makes the
             projection reproducible: the first one equals
             `keras_favor.ops.random_features_matrix(num_random_features, key_dim, seed=seed)` and
@@ -216,6 +226,7 @@ class FavorAttention(keras.layers.MultiHeadAttention):
         causal_chunk_size=128,
         seed=None,
         attention_axes=None,
+        decay=None,
         **kwargs,
     ):
         _checks.positive_int(num_heads, "num_heads")
@@ -240,6 +251,7 @@ class FavorAttention(keras.layers.MultiHeadAttention):
         _checks.one_of(row_norms, ROW_NORMS, "row_norms")
         _checks.positive_int(causal_chunk_size, "causal_chunk_size")
         _checks.seed(seed)
+        head_decay(decay, num_heads)
         _check_inert_arguments(kwargs)
         # What the map does not declare is inferred now, so that a map that cannot run fails here.
         feature_map.output_dim(key_dim, num_random_features)
@@ -262,6 +274,7 @@ class FavorAttention(keras.layers.MultiHeadAttention):
         self.orthogonal = orthogonal
         self.row_norms = row_norms
         self.causal_chunk_size = causal_chunk_size
+        self.decay = list(decay) if isinstance(decay, tuple) else decay
         # Only an unseeded layer draws from a generator; a seeded one derives its seeds.
         self._seed_generator = keras.random.SeedGenerator(None) if seed is None else None
         self.projection_matrix = None
@@ -283,6 +296,7 @@ class FavorAttention(keras.layers.MultiHeadAttention):
             "orthogonal": self.orthogonal,
             "row_norms": self.row_norms,
             "causal_chunk_size": self.causal_chunk_size,
+            "decay": self.decay,
         }
 
     # ----------------------------------------------------------------------------------------
@@ -393,6 +407,12 @@ class FavorAttention(keras.layers.MultiHeadAttention):
                 f"Received: return_attention_scores={return_attention_scores!r}"
             )
         _checks.boolean(use_causal_mask, "use_causal_mask")
+        if self.decay is not None and not use_causal_mask:
+            raise ValueError(
+                "Argument `decay` (a decay of the causal state) needs `use_causal_mask=True`: "
+                "FavorAttention has no decay for bidirectional attention. Received: "
+                f"decay={self.decay!r}, use_causal_mask={use_causal_mask!r}"
+            )
         key_shape = None if key is None else tuple(key.shape)
         _check_input_shapes(tuple(query.shape), tuple(value.shape), key_shape)
         batch, key_length = value.shape[0], value.shape[1]
@@ -477,6 +497,7 @@ class FavorAttention(keras.layers.MultiHeadAttention):
             causal=use_causal_mask,
             key_padding_mask=attention_mask,
             chunk_size=self.causal_chunk_size,
+            decay=self.decay,
         )  # computed in float32, returned in the compute dtype
         if self._dropout > 0.0:
             output = self._dropout_layer(output, training=training)
@@ -589,7 +610,13 @@ class FavorAttention(keras.layers.MultiHeadAttention):
     def _compute_step(self, query, key, value, state):
         """One decoding step of projected (B, 1, N, ·) inputs: ((B, N, D) output, new state)."""
         return favor_attention_step(
-            query[:, 0], key[:, 0], value[:, 0], state, self.feature_map, self.projection_matrix
+            query[:, 0],
+            key[:, 0],
+            value[:, 0],
+            state,
+            self.feature_map,
+            self.projection_matrix,
+            decay=self.decay,
         )
 
 

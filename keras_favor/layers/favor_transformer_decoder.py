@@ -4,6 +4,7 @@ import keras
 from keras import ops
 
 from keras_favor._checks import boolean
+from keras_favor.layers._causal_conv import CausalDepthwiseConv1D, check_kernel_size
 from keras_favor.layers._favor_block import (
     CROSS_ATTENTION,
     CROSS_DROPOUT,
@@ -11,6 +12,7 @@ from keras_favor.layers._favor_block import (
     make_attention,
 )
 from keras_favor.layers._masks import merged_padding_mask
+from keras_favor.ops.linear_attention import head_decay
 
 
 @keras.saving.register_keras_serializable(package="keras_favor")
@@ -48,6 +50,16 @@ class FavorTransformerDecoder(FavorBlockBase):
             block's weights load into a FAVOR block; the FAVOR options are then unused,
             `dropout` drops attention probabilities (as in `MultiHeadAttention`), and there is
             no streaming decoding (`get_initial_state` and `step` raise a ValueError).
+        decay: a per-head decay of the causal self-attention's state (see `FavorAttention`):
+            None (default), `"retnet"`, one number in (0, 1] or a list of `num_heads` of them.
+            Needs `attention_type="favor"`; calling the block with `use_causal_mask=False`
+            raises a ValueError.
+        causal_conv_kernel_size: None (default) or an int k ≥ 2: a causal depthwise convolution
+            over the last k positions (per channel, with a bias; it starts as the identity)
+            mixes the self-attention's input before the query, key and value projections, which
+            gives the block local order without absolute positions. Padded positions enter it
+            as zeros (left and right padding equal truncation). Streaming keeps the last k − 1
+            inputs in the state.
         **kwargs: standard `keras.layers.Layer` arguments (`name`, `dtype`, ...).
 
     Call arguments:
@@ -89,9 +101,78 @@ class FavorTransformerDecoder(FavorBlockBase):
         Su et al., RoFormer (rotary position embeddings), arXiv 2104.09864.
     """
 
+    def __init__(
+        self,
+        intermediate_dim,
+        num_heads,
+        dropout=0.0,
+        activation="relu",
+        layer_norm_epsilon=1e-05,
+        kernel_initializer="glorot_uniform",
+        bias_initializer="zeros",
+        normalize_first=False,
+        feature_map="softmax_positive",
+        num_random_features=256,
+        row_norms="chi",
+        orthogonal=True,
+        causal_chunk_size=128,
+        use_rotary_embedding=False,
+        rotary_max_wavelength=10000,
+        seed=None,
+        attention_type="favor",
+        decay=None,
+        causal_conv_kernel_size=None,
+        **kwargs,
+    ):
+        super().__init__(
+            intermediate_dim,
+            num_heads,
+            dropout=dropout,
+            activation=activation,
+            layer_norm_epsilon=layer_norm_epsilon,
+            kernel_initializer=kernel_initializer,
+            bias_initializer=bias_initializer,
+            normalize_first=normalize_first,
+            feature_map=feature_map,
+            num_random_features=num_random_features,
+            row_norms=row_norms,
+            orthogonal=orthogonal,
+            causal_chunk_size=causal_chunk_size,
+            use_rotary_embedding=use_rotary_embedding,
+            rotary_max_wavelength=rotary_max_wavelength,
+            seed=seed,
+            attention_type=attention_type,
+            **kwargs,
+        )
+        head_decay(decay, self.num_heads)
+        if decay is not None and self.attention_type != "favor":
+            raise ValueError(
+                "Argument `decay` (a decay of the causal FAVOR state) needs "
+                "attention_type='favor': exact softmax attention has no state to decay. "
+                f"Received: decay={decay!r}, attention_type={self.attention_type!r}"
+            )
+        check_kernel_size(causal_conv_kernel_size)
+        self.decay = list(decay) if isinstance(decay, tuple) else decay
+        self.causal_conv_kernel_size = causal_conv_kernel_size
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "decay": self.decay,
+            "causal_conv_kernel_size": self.causal_conv_kernel_size,
+        }
+
     def build(self, decoder_sequence_shape, encoder_sequence_shape=None):
         decoder_sequence_shape = tuple(decoder_sequence_shape)
-        key_dim = self._build_self_attention(decoder_sequence_shape, "decoder_sequence")
+        key_dim = self._build_self_attention(
+            decoder_sequence_shape, "decoder_sequence", decay=self.decay
+        )
+        self._causal_conv = None
+        if self.causal_conv_kernel_size is not None:
+            self._causal_conv = CausalDepthwiseConv1D(
+                self.causal_conv_kernel_size, dtype=self.dtype_policy, name="causal_conv"
+            )
+            self._causal_conv.build(decoder_sequence_shape)
         self._cross_attention_layer = None
         if encoder_sequence_shape is not None:
             encoder_sequence_shape = tuple(encoder_sequence_shape)
@@ -173,12 +254,23 @@ class FavorTransformerDecoder(FavorBlockBase):
                 encoder_attention_mask, "encoder_attention_mask", encoder_sequence
             )
 
+        mix = None
+        if self._causal_conv is not None:
+            conv_mask = decoder_mask
+            if decoder_attention_mask is not None:
+                keys = ops.cast(decoder_attention_mask[:, 0], "bool")  # (B, T)
+                conv_mask = keys if conv_mask is None else ops.logical_and(conv_mask, keys)
+
+            def mix(h):
+                return self._causal_conv(h, padding_mask=conv_mask)
+
         x = self._attention_sub_block(
             decoder_sequence,
             self._self_attention_layers(),
             None,
             (decoder_mask, decoder_mask, decoder_attention_mask),
             training,
+            mix=mix,
             use_causal_mask=use_causal_mask,
         )
         if encoder_sequence is not None:
@@ -207,18 +299,22 @@ class FavorTransformerDecoder(FavorBlockBase):
         """The empty decoding state of the causal self-attention: (S, z), float32 zeros.
 
         S is (B, N, F, D) and z is (B, N, F), with N heads, D = E // N and F the number of
-        features of the map (M for `"softmax_positive"`). Their size does not depend on how many
-        tokens are decoded.
+        features of the map (M for `"softmax_positive"`). With `causal_conv_kernel_size=k`, a
+        third entry holds the convolution's last k − 1 inputs, (B, k − 1, E). Their size does
+        not depend on how many tokens are decoded.
 
         Args:
             batch_size: B, a positive int or a scalar integer tensor (e.g. inside a serving
                 function, where the batch size is only known at run time).
 
         Returns:
-            The pair (S, z).
+            The tuple (S, z), or (S, z, conv_buffer) with a convolution.
         """
         self._require_built("get_initial_state")
-        return self._self_attention_layer.get_initial_state(batch_size)
+        state = tuple(self._self_attention_layer.get_initial_state(batch_size))
+        if self._causal_conv is not None:
+            state += (self._causal_conv.get_initial_state(batch_size),)
+        return state
 
     def step(
         self,
@@ -234,7 +330,7 @@ class FavorTransformerDecoder(FavorBlockBase):
 
         Args:
             inputs: (B, E), the block's input at the new position.
-            state: (S, z) from `get_initial_state` or the previous `step`.
+            state: the state from `get_initial_state` or the previous `step`.
             position: the index of the new position, an int or an integer tensor of shape () or
                 (B,). Required with `use_rotary_embedding=True`; unused otherwise.
             encoder_sequence: (B, S, E_enc) encoder outputs, if the block has cross-attention.
@@ -261,14 +357,25 @@ class FavorTransformerDecoder(FavorBlockBase):
         inputs = ops.convert_to_tensor(inputs, dtype=self.compute_dtype)
         attention = self._self_attention_layer
         old_state = tuple(state)
+        expected = 2 if self._causal_conv is None else 3
+        if len(old_state) != expected:
+            raise ValueError(
+                f"Argument `state` must be the {expected} arrays from `get_initial_state` or "
+                f"`step` of this block. Received: a state of {len(old_state)} arrays"
+            )
         new_state = None
 
         def attend(x):
             nonlocal new_state
+            conv_state = ()
+            if self._causal_conv is not None:
+                x, buffer = self._causal_conv.step(x, old_state[2])
+                conv_state = (buffer,)
             if self.use_rotary_embedding:
-                out, new_state = attention.step(x, x, old_state, position=position)
+                out, attention_state = attention.step(x, x, old_state[:2], position=position)
             else:
-                out, new_state = attention.step(x, x, old_state)
+                out, attention_state = attention.step(x, x, old_state[:2])
+            new_state = tuple(attention_state) + conv_state
             return out
 
         x = self._residual(

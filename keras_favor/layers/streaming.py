@@ -9,7 +9,7 @@ S = Σ φ(k)vᵀ (B, N, F, D) and z = Σ φ(k) (B, N, F) of its self-attention, 
 length. `decode_step` at position t equals the full causal forward at t.
 
 The state is a list with one `(S, z)` pair of float32 tensors per `FavorTransformerDecoder`, in
-model order; every shape is fixed apart from the batch size, so a serving export needs two
+model order (a triple `(S, z, conv_buffer)` for a block with `causal_conv_kernel_size`); every shape is fixed apart from the batch size, so a serving export needs two
 functions: `initial_decode_state(model, batch_size)` and `decode_step(model, token, position,
 state)` (state in, state out).
 """
@@ -167,7 +167,8 @@ def _blocks(layers):
 
 
 def initial_decode_state(model, batch_size):
-    """The empty streaming state of a causal model: one (S, z) pair per decoder block.
+    """The empty streaming state of a causal model: one (S, z) pair per decoder block
+    (`(S, z, conv_buffer)` for a block with a causal convolution).
 
     Args:
         model: a chain model or list of layers (see `decode_plan`).
@@ -176,7 +177,8 @@ def initial_decode_state(model, batch_size):
     Returns:
         A list, in model order, of `(S, z)` float32 zero tensors, S (B, N, F, D) and
         z (B, N, F) for each `FavorTransformerDecoder` (N heads, D = E // N, F features of the
-        block's feature map). Its size does not grow with the number of decoded tokens.
+        block's feature map), plus the (B, k − 1, E) buffer of a block's causal convolution of
+        kernel size k. Its size does not grow with the number of decoded tokens.
 
     Example:
 
@@ -236,7 +238,7 @@ def decode_step(model, token, position, state):
     blocks = _blocks(layers)
     if not isinstance(state, (list, tuple)) or len(state) != len(blocks):
         raise ValueError(
-            f"Argument `state` must be the list of {len(blocks)} (S, z) pairs from "
+            f"Argument `state` must be the list of {len(blocks)} block states from "
             "`initial_decode_state` or `decode_step` (one per FavorTransformerDecoder). "
             f"Received: state={type(state).__name__}"
             + (f" of length {len(state)}" if isinstance(state, (list, tuple)) else "")

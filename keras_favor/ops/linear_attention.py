@@ -10,13 +10,99 @@ on, so that its prefix sums over chunks are 2-D matmuls. The normaliser rides al
 all-ones value column, so numerator and normaliser come out of the same matmuls.
 """
 
+import math
+
+import numpy as np
 from keras import ops
 
 from keras_favor import feature_maps as feature_maps_lib
-from keras_favor._checks import boolean, positive_int
+from keras_favor._checks import boolean, invalid, is_number, positive_int
 
 DEFAULT_CHUNK_SIZE = 128
 _PREFIX_BLOCK = 32  # chunks per block of the blocked prefix sum over chunks
+
+
+DECAY_PRESETS = ("retnet",)
+_DECAY_EXPECTED = "None, 'retnet', a number in (0, 1] or a list of one number in (0, 1] per head"
+
+
+def decay_rates(num_heads, shortest_reach=32, longest_reach=None):
+    """Per-head decay rates γ_h = 1 − 1/r_h of the causal state, reaches r_h spaced geometrically.
+
+    A head with rate γ weighs a key t positions back by γ^t ≈ e^(−t/r): r = 1/(1 − γ) positions
+    is its reach. The defaults are RetNet's rates, γ_h = 1 − 2^(−5−h) (reaches 32, 64, ...,
+    32·2^(N−1)); `longest_reach` caps the slowest head (e.g. at the training window, so that no
+    head reaches further than training showed it).
+
+    Args:
+        num_heads: N, a positive int.
+        shortest_reach: r_0, the reach of the fastest head, a number > 1.
+        longest_reach: r_(N−1), the reach of the slowest head, a number ≥ `shortest_reach`;
+            defaults to `shortest_reach · 2^(N−1)`.
+
+    Returns:
+        A list of N floats in (0, 1), fastest head first.
+
+    Example:
+
+    >>> decay_rates(4)
+    [0.96875, 0.984375, 0.9921875, 0.99609375]
+    >>> [round(1 / (1 - g)) for g in decay_rates(3, 16, 256)]
+    [16, 64, 256]
+    """
+    positive_int(num_heads, "num_heads")
+    if not is_number(shortest_reach) or shortest_reach <= 1:
+        raise invalid("shortest_reach", "a number > 1 (positions)", shortest_reach)
+    if longest_reach is None:
+        longest_reach = shortest_reach * 2.0 ** (num_heads - 1)
+    if not is_number(longest_reach) or longest_reach < shortest_reach:
+        raise invalid(
+            "longest_reach", f"None or a number ≥ shortest_reach={shortest_reach}", longest_reach
+        )
+    # log2 of the reaches, so that powers of two (RetNet's rates) come out exact.
+    low, span = math.log2(shortest_reach), math.log2(longest_reach / shortest_reach)
+    step = span / (num_heads - 1) if num_heads > 1 else 0.0
+    return [1.0 - 2.0 ** -(low + h * step) for h in range(num_heads)]
+
+
+def head_decay(decay, num_heads, name="decay"):
+    """The per-head rates (a tuple of N floats) of a `decay` argument, or None; checked.
+
+    `decay` is None (no decay), `"retnet"` (`decay_rates(num_heads)`), one number in (0, 1] for
+    every head, or a list of `num_heads` numbers in (0, 1] (1 keeps a head undecayed).
+    """
+    if decay is None:
+        return None
+    if isinstance(decay, str):
+        if decay not in DECAY_PRESETS:
+            raise invalid(name, _DECAY_EXPECTED, decay)
+        return tuple(decay_rates(num_heads))
+    values = [decay] * num_heads if is_number(decay) else decay
+    if not isinstance(values, (list, tuple)) or not all(
+        is_number(g) and 0 < g <= 1 for g in values
+    ):
+        raise invalid(name, _DECAY_EXPECTED, decay)
+    if len(values) != num_heads:
+        raise invalid(name, f"{_DECAY_EXPECTED}: num_heads={num_heads} numbers", decay)
+    return tuple(float(g) for g in values)
+
+
+def _log_decay(decay, num_heads, causal):
+    """log γ per head, a float32 (N,) constant, or None; checks `decay` against `causal`."""
+    if decay is None:
+        return None
+    if not causal:
+        raise ValueError(
+            "Argument `decay` (a decay of the causal state) needs `causal=True`: only causal "
+            f"attention has a state that decays. Received: decay={decay!r}, causal={causal!r}"
+        )
+    if num_heads is None:
+        raise ValueError(
+            "Argument `decay` needs a known number of heads (axis 2 of `query`). "
+            f"Received: decay={decay!r} with an unknown number of heads"
+        )
+    rates = head_decay(decay, num_heads)
+    return ops.convert_to_tensor(np.log(np.asarray(rates, dtype=np.float64)), dtype="float32")
 
 
 def _static_rank_check(x, rank, name, layout):
@@ -182,18 +268,32 @@ def _non_causal(q_feat, k_feat, v1):
     return out, grad
 
 
-def _chunked_core(qc, kc, vc, finite_features):
+def _chunked_core(qc, kc, vc, finite_features, log_decay=None):
     """Exact causal linear attention on chunks: qc, kc (K, B, N, C, F), vc (K, B, N, C, D+1).
 
     Inter-chunk term φ(Q_c)·S_c with S_c = Σ_{j<c} V1_jᵀφ(K_j), plus the intra-chunk term
     (φ(Q_c)φ(K_c)ᵀ ⊙ tril)·V1_c. Returns (K, B, N, C, D+1). With the chunk axis first, the prefix
     sums over chunks are plain 2-D matmuls over a (K, ·) view, which is faster under XLA than the
     (B, N, K, C, ·) layout and needs less memory on the longest causal runs.
+
+    With `log_decay` (N,) = log γ per head, the state decays: S_t = γ·S_{t−1} + φ(k_t)v1_tᵀ.
+    Within a chunk the mask becomes γ^(i−j) (j ≤ i); key j enters its chunk's state decayed to the
+    chunk's end, γ^(C−1−j); the state S_c is the γ^C-decayed prefix of those; query i reads it
+    decayed by γ^(i+1).
     """
     num_chunks, chunk_size = qc.shape[0], qc.shape[3]
     if num_chunks is None:
         num_chunks = ops.shape(qc)[0]
     causal_mask = ops.tril(ops.ones((chunk_size, chunk_size), dtype="bool"))
+    if log_decay is None:
+        within = q_decay = k_decay = None
+    else:
+        within, q_decay, k_decay = _chunk_decay_factors(log_decay, chunk_size)
+
+    def sums(x, reverse):
+        if log_decay is None:
+            return _exclusive_prefix_sum(x, num_chunks, reverse=reverse)
+        return _decayed_exclusive_prefix_sum(x, log_decay * chunk_size, num_chunks, reverse)
 
     def prefix(x, reverse):
         # Exclusive prefix (reverse: suffix) sums over chunks, as triangular matmuls. These
@@ -203,36 +303,103 @@ def _chunked_core(qc, kc, vc, finite_features):
         # after a cumsum; earlier chunks stay exact. (A cumsum is several times slower on CPU,
         # and under XLA its reduce-window grows with the number of chunks.)
         if finite_features:
-            return _exclusive_prefix_sum(x, num_chunks, reverse=reverse)
+            return sums(x, reverse)
         finite = ops.all(ops.isfinite(x), axis=(3, 4), keepdims=True)  # (K, B, N, 1, 1)
-        sums = _exclusive_prefix_sum(ops.where(finite, x, 0.0), num_chunks, reverse=reverse)
+        total = sums(ops.where(finite, x, 0.0), reverse)
         bad = ops.cast(ops.logical_not(finite), "float32")
         poisoned = _exclusive_prefix_sum(bad, num_chunks, reverse=reverse) > 0
-        return ops.where(poisoned, float("nan"), sums)
+        return ops.where(poisoned, float("nan"), total)
+
+    def mask(x):  # (K, B, N, C, C) within-chunk weights: tril, or γ^(i−j) on and below it
+        return ops.where(causal_mask, x if within is None else x * within, 0.0)
+
+    def decayed(x, factor):  # (K, B, N, C, ·) rows times (N, C, 1), or x when there is no decay
+        return x if factor is None else x * factor
 
     @ops.custom_gradient
     def core(qc, kc, vc):
-        kv = ops.einsum("kbncd,kbncf->kbndf", vc, kc)  # (K, B, N, D+1, F): V1_cᵀφ(K_c)
+        qd, kd = decayed(qc, q_decay), decayed(kc, k_decay)
+        kv = ops.einsum("kbncd,kbncf->kbndf", vc, kd)  # (K, B, N, D+1, F): V1_cᵀφ(K_c)
         state = prefix(kv, False)  # S_c, the state chunk c starts from
         scores = ops.einsum("kbncf,kbnef->kbnce", qc, kc)  # (K, B, N, C, C), within a chunk
-        weights = ops.where(causal_mask, scores, 0.0)
-        out = ops.einsum("kbncf,kbndf->kbncd", qc, state) + ops.matmul(weights, vc)
+        weights = mask(scores)
+        out = ops.einsum("kbncf,kbndf->kbncd", qd, state) + ops.matmul(weights, vc)
 
         def grad(*args, upstream=None):
             d_out = _upstream(args, upstream)  # (K, B, N, C, D+1)
-            d_weights = ops.where(causal_mask, ops.einsum("kbncd,kbned->kbnce", d_out, vc), 0.0)
-            d_state = ops.einsum("kbncd,kbncf->kbndf", d_out, qc)
+            d_weights = mask(ops.einsum("kbncd,kbned->kbnce", d_out, vc))
+            d_state = ops.einsum("kbncd,kbncf->kbndf", d_out, qd)
             d_kv = prefix(d_state, True)  # Σ over later chunks
-            d_q = ops.matmul(d_out, state) + ops.matmul(d_weights, kc)
-            d_k = ops.einsum("kbnce,kbncf->kbnef", d_weights, qc) + ops.matmul(vc, d_kv)
+            d_q = decayed(ops.matmul(d_out, state), q_decay) + ops.matmul(d_weights, kc)
+            d_k = ops.einsum("kbnce,kbncf->kbnef", d_weights, qc) + decayed(
+                ops.matmul(vc, d_kv), k_decay
+            )
             d_v = ops.einsum("kbnce,kbncd->kbned", weights, d_out) + ops.einsum(
-                "kbncf,kbndf->kbncd", kc, d_kv
+                "kbncf,kbndf->kbncd", kd, d_kv
             )
             return d_q, d_k, d_v
 
         return out, grad
 
     return core(qc, kc, vc)
+
+
+def _chunk_decay_factors(log_decay, chunk_size):
+    """γ^(i−j) on and below the diagonal (N, C, C), γ^(i+1) (N, C, 1) and γ^(C−1−j) (N, C, 1)."""
+    idx = ops.cast(ops.arange(chunk_size), "float32")
+    log_decay = ops.reshape(log_decay, (-1, 1, 1))  # (N, 1, 1)
+    lag = ops.maximum(ops.expand_dims(idx, 1) - ops.expand_dims(idx, 0), 0.0)  # (C, C), i−j
+    within = ops.exp(log_decay * lag)  # masked above the diagonal by the caller
+    q_decay = ops.exp(log_decay * ops.reshape(idx + 1.0, (-1, 1)))
+    k_decay = ops.exp(log_decay * ops.reshape(chunk_size - 1.0 - idx, (-1, 1)))
+    return within, q_decay, k_decay
+
+
+def _decay_matrix(size, log_rate, reverse):
+    """(N, size, size): a^(k−1−j) for j < k (reverse: a^(j−1−k) for j > k), else 0; a = e^log_rate."""
+    idx = ops.cast(ops.arange(size), "float32")
+    rows, cols = ops.expand_dims(idx, 1), ops.expand_dims(idx, 0)
+    lag = (cols - rows if reverse else rows - cols) - 1.0  # (size, size): k−1−j (j−1−k)
+    powers = ops.exp(ops.reshape(log_rate, (-1, 1, 1)) * ops.maximum(lag, 0.0))
+    return ops.where(lag >= 0.0, powers, 0.0)
+
+
+def _decayed_exclusive_prefix_sum(x, log_rate, num_chunks, reverse=False, block=_PREFIX_BLOCK):
+    """Σ_{j<k} a^(k−1−j) x[j] (reverse: Σ_{j>k} a^(j−1−k) x[j]) over axis 0 of x (K, B, N, ...),
+    with a per-head rate a = e^log_rate, log_rate (N,) ≤ 0.
+
+    The decayed counterpart of `_exclusive_prefix_sum`: per-head triangular matmuls, in blocks of
+    `block` chunks when K is large or unknown (within blocks, then across the decayed block
+    totals), so the cost stays linear in K.
+    """
+    heads = x.shape[2]
+    rank = len(x.shape)
+    x = ops.transpose(x, (2, 0, 1) + tuple(range(3, rank)))  # (N, K, B, ...)
+    heads_first_shape = ops.shape(x)
+    flat = ops.reshape(x, (heads, num_chunks, -1))  # (N, K, E)
+    if isinstance(num_chunks, int) and num_chunks <= 2 * block:
+        out = ops.matmul(_decay_matrix(num_chunks, log_rate, reverse), flat)
+    else:
+        pad = (-num_chunks) % block  # zero chunks at the end add nothing either way
+        num_blocks = (num_chunks + pad) // block
+        flat = ops.pad(flat, [[0, 0], [0, pad], [0, 0]])
+        blocks = ops.reshape(flat, (heads, num_blocks, block, -1))  # (N, K', G, E)
+        # (N, K', G, E): every block against the (N, G, G) decay matrix (an einsum, not a
+        # broadcast batch matmul, which LiteRT's XNNPack delegate failed to reshape).
+        within = ops.einsum("ngh,nkhe->nkge", _decay_matrix(block, log_rate, reverse), blocks)
+        idx = ops.cast(ops.arange(block), "float32")
+        log_rate_g = ops.reshape(log_rate, (-1, 1))  # (N, 1)
+        # Each block's total decayed to its end (reverse: its start), then carried across
+        # blocks at rate a^G, then into each chunk: a^r after the block start (reverse: a^(G−1−r)
+        # before its end).
+        to_edge = ops.exp(log_rate_g * (idx if reverse else block - 1.0 - idx))  # (N, G)
+        from_edge = ops.exp(log_rate_g * ((block - 1.0 - idx) if reverse else idx))  # (N, G)
+        totals = ops.sum(blocks * ops.reshape(to_edge, (heads, 1, block, 1)), axis=2)  # (N, K', E)
+        across = ops.matmul(_decay_matrix(num_blocks, log_rate * block, reverse), totals)
+        carried = ops.expand_dims(across, 2) * ops.expand_dims(ops.expand_dims(from_edge, 1), 3)
+        out = ops.reshape(within + carried, (heads, num_blocks * block, -1))[:, :num_chunks]
+    out = ops.reshape(out, heads_first_shape)
+    return ops.transpose(out, (1, 2, 0) + tuple(range(3, rank)))  # back to (K, B, N, ...)
 
 
 def _exclusive_prefix_sum(x, num_chunks, reverse=False, block=_PREFIX_BLOCK):
@@ -335,6 +502,7 @@ def favor_attention(
     causal=False,
     key_padding_mask=None,
     chunk_size=DEFAULT_CHUNK_SIZE,
+    decay=None,
 ):
     """Random-feature attention D⁻¹ φ(Q) (φ(K)ᵀ V), in time and memory linear in length.
 
@@ -350,6 +518,11 @@ def favor_attention(
         key_padding_mask: (B, S), True (or 1) for real keys. Padded keys are removed from the
             numerator and the normaliser, so padding equals truncation.
         chunk_size: C for causal attention, a positive int (lengths need not be multiples of it).
+        decay: causal attention only: a per-head decay γ of the causal state (RetNet-style),
+            S_t = γ·S_(t−1) + φ(k_t)v_tᵀ and z_t = γ·z_(t−1) + φ(k_t), so key j weighs γ^(t−j) in
+            query t's numerator and normaliser. None (no decay), `"retnet"` (`decay_rates(N)`),
+            one number in (0, 1] or a list of N of them. Exact in the chunked form, same cost.
+            With `causal=False` it raises a ValueError.
 
     Returns:
         (B, T, N, D) in the dtype of `query`.
@@ -379,6 +552,7 @@ def favor_attention(
             f"Received: causal=True, query.shape={qs}, key.shape={ks}",
         )
     _check_projection(feature_map, projection_matrix, qs[-1])
+    log_decay = _log_decay(decay, qs[2], causal)
     mask = None
     if key_padding_mask is not None:
         check_padding_mask(key_padding_mask, "key_padding_mask", qs[0], ks[1])
@@ -409,7 +583,7 @@ def favor_attention(
     def split(x):  # (K·B, N, C, ·) -> (K, B, N, C, ·)
         return ops.reshape(x, (num_chunks, batch, x.shape[1], chunk_size, x.shape[-1]))
 
-    out = _chunked_core(split(q_feat), split(k_feat), split(v1), finite)  # (K, B, N, C, D+1)
+    out = _chunked_core(split(q_feat), split(k_feat), split(v1), finite, log_decay)
     out = _from_chunks_first(_normalise(out), batch, num_chunks, length, pad)  # (B, T, N, D)
     return ops.cast(out, query.dtype)
 
@@ -438,7 +612,7 @@ def favor_initial_state(
 
 
 def favor_attention_step(
-    query, key, value, state, feature_map="softmax_positive", projection_matrix=None
+    query, key, value, state, feature_map="softmax_positive", projection_matrix=None, decay=None
 ):
     """One causal decoding step with a fixed-size state.
 
@@ -453,6 +627,7 @@ def favor_attention_step(
             previous step.
         feature_map: as in `favor_attention`.
         projection_matrix: as in `favor_attention`.
+        decay: as in `favor_attention`: the state decays by γ per head before the new key enters.
 
     Returns:
         (output (B, N, D) in the dtype of `query`, new state).
@@ -473,6 +648,7 @@ def favor_attention_step(
         f"key.shape={tuple(key.shape)}",
     )
     _check_projection(feature_map, projection_matrix, query.shape[-1])
+    log_decay = _log_decay(decay, query.shape[1], True)
     s_state, z_state = state
     q = ops.cast(query, "float32")[:, :, None, :]  # (B, N, 1, H)
     k = ops.cast(key, "float32")[:, :, None, :]
@@ -482,6 +658,10 @@ def favor_attention_step(
         s_state, z_state, (*query.shape[:2], k_feat.shape[-1], value.shape[-1]), feature_map
     )
     k_col = ops.transpose(k_feat, (0, 1, 3, 2))  # (B, N, F, 1)
+    if log_decay is not None:
+        rate = ops.exp(log_decay)  # (N,), as the chunked form computes γ^1
+        s_state = s_state * ops.reshape(rate, (-1, 1, 1))
+        z_state = z_state * ops.reshape(rate, (-1, 1))
     s_state = s_state + k_col * ops.expand_dims(v, 2)  # (B, N, F, D)
     z_state = z_state + k_feat[:, :, 0]  # (B, N, F)
     num = ops.matmul(q_feat, s_state)[:, :, 0]  # (B, N, D)

@@ -98,8 +98,12 @@ def test_quickstart(tmp_path):
         long_sequence_length=128,
         max_validation_bytes=20_000,
         long_length=8192,
+        num_long_sequences=2,
         sample_length=8,
+        decay=True,
+        causal_conv_kernel_size=4,
         output=output,
+        results_dir=str(tmp_path / "results"),
         verbose=0,
         **TINY_LM,
         **TINY_CORPUS,
@@ -120,6 +124,35 @@ def test_quickstart(tmp_path):
     assert result["decode_difference"] < 1e-4
     assert result["sample"].startswith(quickstart.DEFAULT_PROMPT)
     assert set(result["timings"]) >= {"train", "export SavedModel", "export TFLite"}
+    # The table by span (0-256, 256-1024, 1024-4096, 4096-8192, then the whole), and the plot.
+    spans = [(start, end) for start, end, *_ in result["spans"]]
+    assert spans == [*quickstart.SPANS, (0, 8192)]
+    assert all(math.isfinite(value) for row in result["spans"] for value in row[2:])
+    assert result["position_loss_plot"] == str(tmp_path / "results" / "position_loss.png")
+    assert os.path.getsize(result["position_loss_plot"]) > 0
+    with open(tmp_path / "results" / "position_loss.json") as f:
+        table = json.load(f)
+    assert [row["ratio"] for row in table["spans"]] == [row[4] for row in result["spans"]]
+
+
+@tf_only  # eager JAX runs the chunked causal loop op by op: slow, and nothing backend-specific
+@pytest.mark.parametrize("options", [{}, {"decay": [0.9, 0.99], "causal_conv_kernel_size": 4}])
+def test_position_losses_equal_windows_within_the_first_window(options):
+    from examples import quickstart
+
+    corpus = data.load_corpus(max_train_bytes=100_000, max_validation_bytes=20_000)
+    model = quickstart.build_model(**TINY_LM, **options)
+    full, windowed = quickstart.position_losses(model, corpus, 512, 64, num_sequences=3)
+    assert full.shape == windowed.shape == (512,)
+    # Causal: the first window sees the same bytes either way; later bytes see more context.
+    np.testing.assert_allclose(full[:64], windowed[:64], rtol=1e-4, atol=1e-5)
+    assert np.abs(full[64:] - windowed[64:]).max() > 1e-4
+    rows = quickstart.span_table(full, windowed)
+    assert [(start, end) for start, end, *_ in rows] == [(0, 256), (0, 512)]  # spans that fit
+    start, end, full_bits, windowed_bits, ratio = rows[-1]
+    assert full_bits == pytest.approx(full.mean()) and ratio == pytest.approx(
+        full_bits / windowed_bits
+    )
 
 
 @tf_only  # eager JAX runs the chunked causal loop op by op: slow, and nothing backend-specific

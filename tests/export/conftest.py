@@ -56,7 +56,7 @@ def attention_model(
     return keras.Model(tokens, keras.layers.Dense(vocab, name="logits")(x))
 
 
-def language_model(position="learned", rotary=False, mask_zero=False):
+def language_model(position="learned", rotary=False, mask_zero=False, **block_kwargs):
     """token_ids (B, L) -> embedding -> 2 FavorTransformerDecoder -> Dense logits (B, L, V)."""
     keras.utils.set_random_seed(0)
     token_ids = keras.Input((None,), dtype="int32", name="token_ids")
@@ -75,6 +75,7 @@ def language_model(position="learned", rotary=False, mask_zero=False):
             causal_chunk_size=4,
             seed=i,
             use_rotary_embedding=rotary,
+            **block_kwargs,
         )(x)
     return keras.Model(token_ids, keras.layers.Dense(VOCAB, name="logits")(x))
 

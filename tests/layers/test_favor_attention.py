@@ -70,6 +70,7 @@ ALL_ARGUMENTS = dict(
     causal_chunk_size=3,
     seed=7,
     attention_axes=1,  # the one axis FAVOR attends over, given explicitly
+    decay=[0.9, 0.5],
 )
 # `output_shape` is not an attribute (Functional summaries read that name, as for
 # MultiHeadAttention); `activity_regularizer` is the base layer's attribute, left None because the
@@ -87,13 +88,14 @@ class TestHarness(TestCase):
         )
         assert layer.feature_map.__class__.__name__ == "SoftmaxHyperbolic"
         assert layer.value_dim == 3 and layer.seed == 7 and layer.causal_chunk_size == 3
+        assert layer.decay == [0.9, 0.5]
 
     @pytest.mark.parametrize("causal", [False, True])
     def test_self_attention_all_arguments(self, causal):
         x = data(3, 7, 6)
         self.run_layer_test(
             FavorAttention,
-            ALL_ARGUMENTS,
+            ALL_ARGUMENTS if causal else {**ALL_ARGUMENTS, "decay": None},  # decay: causal only
             {"query": x, "value": x},
             (3, 7, 5),
             call_kwargs={"use_causal_mask": causal},
@@ -812,3 +814,36 @@ def test_initial_state_accepts_a_scalar_integer_tensor_batch_size():
         np.testing.assert_array_equal(keras.ops.convert_to_numpy(got), 0.0)
     out, _ = layer.step(x[:, 0], x[:, 0], state)
     assert tuple(out.shape) == (3, 8)
+
+
+# ---------------------------------------------------------------------------------------------
+# Decay of the causal state
+
+
+def test_decay_equals_the_op_and_streams():
+    layer = FavorAttention(num_heads=2, key_dim=4, num_random_features=16, seed=0, decay="retnet")
+    x = data(2, 9, 6)
+    full = to_numpy(layer(x, x, use_causal_mask=True))
+    plain = FavorAttention(num_heads=2, key_dim=4, num_random_features=16, seed=0)
+    plain(x, x, use_causal_mask=True)
+    plain.set_weights(layer.get_weights())
+    assert np.abs(to_numpy(plain(x, x, use_causal_mask=True)) - full).max() > 1e-3
+    state = layer.get_initial_state(2)
+    for t in range(9):
+        out, state = layer.step(x[:, t], x[:, t], state)
+        np.testing.assert_allclose(to_numpy(out), full[:, t], atol=1e-5)
+
+
+def test_decay_without_causal_mask_names_both_arguments():
+    layer = FavorAttention(num_heads=2, key_dim=4, num_random_features=8, decay=0.9)
+    x = data(2, 5, 6)
+    with pytest.raises(ValueError, match=r"`decay`.*`use_causal_mask=True`.*use_causal_mask=False"):
+        layer(x, x)
+    with pytest.raises(ValueError, match=r"`decay`.*use_causal_mask=False"):
+        layer.compute_output_spec(keras.KerasTensor((2, 5, 6)), keras.KerasTensor((2, 5, 6)))
+
+
+@pytest.mark.parametrize("decay", [0.0, 2.0, [0.9], "rwkv", [0.5, None]])
+def test_invalid_decay(decay):
+    with pytest.raises(ValueError, match=r"argument `decay`.*Received: decay="):
+        FavorAttention(num_heads=2, key_dim=4, decay=decay)

@@ -14,7 +14,7 @@ from keras_favor.layers import (
     initial_decode_state,
 )
 from tests.layers import softmax_reference
-from tests.testing import TestCase, data, to_numpy
+from tests.testing import TestCase, data, init_arguments, to_numpy
 
 ALL_ARGUMENTS = dict(
     intermediate_dim=12,
@@ -33,7 +33,26 @@ ALL_ARGUMENTS = dict(
     use_rotary_embedding=True,
     rotary_max_wavelength=100,
     seed=3,
+    causal_conv_kernel_size=3,
 )
+# decay only applies to FAVOR: a softmax block refuses one.
+FAVOR_ONLY = dict(decay=[0.9, 0.5])
+
+
+def non_default_arguments(kwargs, attention_type):
+    """ALL_ARGUMENTS for `attention_type`; every argument non-default but attention_type
+    ('favor') or decay ('softmax'), which is checked here instead of by the harness."""
+    kwargs = dict(kwargs, attention_type=attention_type)
+    if attention_type == "favor":
+        kwargs.update(FAVOR_ONLY)
+    defaults = {
+        name
+        for name, default in init_arguments(FavorTransformerDecoder).items()
+        if name not in kwargs or kwargs[name] == default
+    }
+    assert defaults == ({"attention_type"} if attention_type == "favor" else {"decay"})
+    return kwargs
+
 
 SMALL = dict(intermediate_dim=16, num_heads=2, num_random_features=16, seed=0)
 
@@ -44,11 +63,10 @@ class TestHarness(TestCase):
     def test_self_attention_all_arguments_non_default(self, attention_type):
         self.run_layer_test(
             FavorTransformerDecoder,
-            dict(ALL_ARGUMENTS, attention_type=attention_type),
+            non_default_arguments(ALL_ARGUMENTS, attention_type),
             {"decoder_sequence": data(2, 6, 8)},
             (2, 6, 8),
-            require_all_non_default=attention_type == "softmax",
-            expected_num_trainable_weights=16,
+            expected_num_trainable_weights=18,
             expected_num_non_trainable_weights=2 if attention_type == "favor" else 0,
         )
 
@@ -56,11 +74,10 @@ class TestHarness(TestCase):
     def test_cross_attention_all_arguments_non_default(self, attention_type):
         self.run_layer_test(
             FavorTransformerDecoder,
-            dict(ALL_ARGUMENTS, attention_type=attention_type),
+            non_default_arguments(ALL_ARGUMENTS, attention_type),
             {"decoder_sequence": data(2, 6, 8), "encoder_sequence": data(2, 5, 6, seed=1)},
             (2, 6, 8),
-            require_all_non_default=attention_type == "softmax",
-            expected_num_trainable_weights=26,  # + 4 projections and a norm
+            expected_num_trainable_weights=28,  # + 4 projections and a norm
             expected_num_non_trainable_weights=4 if attention_type == "favor" else 0,
             # Exact softmax is invariant to the key bias (it adds q·b to every score of a
             # query), so without RoPE (never on cross-attention) its gradient is exactly zero.
@@ -97,8 +114,9 @@ def decoder_stack_model(num_layers=3, **kwargs):
         {"use_rotary_embedding": True, "normalize_first": True, "causal_chunk_size": 3},
         {"feature_map": "softmax_hyperbolic", "causal_chunk_size": 5},
         {"feature_map": "elu", "causal_chunk_size": 1},
+        {"decay": "retnet", "causal_conv_kernel_size": 4, "causal_chunk_size": 3},
     ],
-    ids=["default", "rope_prenorm_chunk3", "hyperbolic_chunk5", "elu_chunk1"],
+    ids=["default", "rope_prenorm_chunk3", "hyperbolic_chunk5", "elu_chunk1", "decay_conv"],
 )
 def test_no_causal_leak_through_the_stack(kwargs):
     model = decoder_stack_model(**kwargs)
@@ -273,6 +291,10 @@ def test_bad_step_arguments():
         ({"rotary_max_wavelength": -5}, "rotary_max_wavelength"),
         ({"seed": 1.5}, "seed"),
         ({"attention_type": "linear"}, "attention_type"),
+        ({"decay": 1.5}, "decay"),
+        ({"decay": [0.9, 0.9, 0.9]}, "decay"),
+        ({"causal_conv_kernel_size": 1}, "causal_conv_kernel_size"),
+        ({"causal_conv_kernel_size": 2.0}, "causal_conv_kernel_size"),
     ],
 )
 def test_bad_constructor_argument(kwargs, name):
@@ -397,3 +419,88 @@ def test_softmax_block_cannot_stream():
         decode_plan(model)
     with pytest.raises(ValueError, match="attention_type"):
         initial_decode_state(model, 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Decay and causal convolution
+
+
+def perturbed_conv(decoder, seed=0):
+    # The convolution starts as the identity; random filters make every test below able to fail.
+    conv = decoder._causal_conv
+    conv.kernel.assign(np.random.default_rng(seed).normal(size=conv.kernel.shape))
+    conv.bias.assign(np.random.default_rng(seed + 1).normal(size=conv.bias.shape))
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"decay": "retnet", "causal_chunk_size": 3},
+        {"causal_conv_kernel_size": 3, "causal_chunk_size": 4},
+        {"decay": [0.6, 0.99], "causal_conv_kernel_size": 4, "use_rotary_embedding": True},
+        {"decay": 0.8, "causal_conv_kernel_size": 2, "normalize_first": True},
+    ],
+    ids=["decay", "conv", "decay_conv_rope", "decay_conv_prenorm"],
+)
+def test_decay_and_conv_step_equals_call(kwargs):
+    decoder = FavorTransformerDecoder(**{**SMALL, **kwargs})
+    x = data(2, 9, 8)
+    decoder(x)
+    if decoder._causal_conv is not None:
+        perturbed_conv(decoder)
+    full = to_numpy(decoder(x))
+    state = decoder.get_initial_state(2)
+    shapes = [tuple(s.shape) for s in state]
+    for t in range(9):
+        out, state = decoder.step(x[:, t], state, position=t)
+        np.testing.assert_allclose(to_numpy(out), full[:, t], atol=1e-5, rtol=0)
+        assert [tuple(s.shape) for s in state] == shapes  # fixed size
+    conv = kwargs.get("causal_conv_kernel_size")
+    assert shapes[2:] == ([] if conv is None else [(2, conv - 1, 8)])
+
+
+def test_conv_starts_as_the_identity():
+    x = data(2, 7, 8)
+    plain = FavorTransformerDecoder(**SMALL)
+    conv = FavorTransformerDecoder(**SMALL, causal_conv_kernel_size=3)
+    want = to_numpy(plain(x))
+    conv(x)
+    for name in (
+        "_self_attention_layer",
+        "_self_attention_layer_norm",
+        "_feedforward_layer_norm",
+        "_feedforward_intermediate_dense",
+        "_feedforward_output_dense",
+    ):
+        getattr(conv, name).set_weights(getattr(plain, name).get_weights())
+    np.testing.assert_array_equal(to_numpy(conv(x)), want)
+
+
+@pytest.mark.parametrize("left", [False, True])
+def test_decay_and_conv_padding_equals_truncation(left):
+    decoder = FavorTransformerDecoder(**SMALL, decay="retnet", causal_conv_kernel_size=3)
+    x = data(2, 7, 8)
+    decoder(x)
+    perturbed_conv(decoder)
+    real = slice(3, None) if left else slice(None, 4)
+    mask = np.zeros((2, 7), bool)
+    mask[:, real] = True
+    out = to_numpy(decoder(x, decoder_padding_mask=mask))
+    np.testing.assert_allclose(out[:, real], to_numpy(decoder(x[:, real])), atol=1e-5, rtol=0)
+
+
+def test_decay_refuses_bidirectional_use_and_softmax_blocks():
+    decoder = FavorTransformerDecoder(**SMALL, decay=0.9)
+    with pytest.raises(ValueError, match=r"`decay`.*use_causal_mask=False"):
+        decoder(data(2, 5, 8), use_causal_mask=False)
+    with pytest.raises(ValueError, match=r"`decay`.*attention_type='softmax'"):
+        FavorTransformerDecoder(**SMALL, decay=0.9, attention_type="softmax")
+
+
+def test_step_refuses_a_state_without_the_conv_buffer():
+    decoder = FavorTransformerDecoder(**SMALL, causal_conv_kernel_size=3)
+    x = data(2, 5, 8)
+    decoder(x)
+    state = decoder.get_initial_state(2)
+    with pytest.raises(ValueError, match=r"`state`.*3 arrays.*Received: a state of 2 arrays"):
+        decoder.step(x[:, 0], state[:2])

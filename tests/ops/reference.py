@@ -103,14 +103,24 @@ def features(name, x, projection=None, *, a=None, epsilon=1e-3, random_features=
     raise ValueError(name)
 
 
-def linear_attention(q_feat, k_feat, value, *, causal=False, key_padding_mask=None):
+def decay_weights(decay, length):
+    """(N, L, L): γ_n^(t−s) for s ≤ t, else 0, for per-head rates `decay` (N,)."""
+    lag = np.arange(length)[:, None] - np.arange(length)[None, :]
+    rates = np.asarray(decay, np.float64)[:, None, None]
+    return np.where(lag >= 0, rates ** np.maximum(lag, 0), 0.0)
+
+
+def linear_attention(q_feat, k_feat, value, *, causal=False, key_padding_mask=None, decay=None):
     """Row-normalised φ(Q)φ(K)ᵀV computed explicitly with the T×S matrix, float64.
 
-    q_feat (B, T, N, F), k_feat (B, S, N, F), value (B, S, N, D) -> (B, T, N, D).
+    q_feat (B, T, N, F), k_feat (B, S, N, F), value (B, S, N, D) -> (B, T, N, D). With `decay`
+    (N,) (causal only), key s weighs γ^(t−s) in query t's numerator and normaliser.
     """
     scores = np.einsum("btnf,bsnf->bnts", q_feat, k_feat)
     if causal:
         scores = scores * np.tril(np.ones(scores.shape[-2:]))
+    if decay is not None:
+        scores = scores * decay_weights(decay, scores.shape[-1])
     if key_padding_mask is not None:
         scores = scores * key_padding_mask[:, None, None, :].astype(float)
     return np.einsum("bnts,bsnd->btnd", scores / scores.sum(-1, keepdims=True), value)
@@ -136,6 +146,7 @@ def map_attention(
     causal=False,
     key_padding_mask=None,
     rho=None,
+    decay=None,
     **kwargs,
 ):
     """The attention `favor_attention` must give for map `name`, computed explicitly in float64."""
@@ -152,7 +163,9 @@ def map_attention(
         a = a[:, None, :, None] if np.ndim(a) == 2 else a  # (B, 1, N, 1)
     q_feat = features(name, query, projection, a=a, **kwargs)
     k_feat = features(name, key, projection, a=a, **kwargs)
-    return linear_attention(q_feat, k_feat, value, causal=causal, key_padding_mask=key_padding_mask)
+    return linear_attention(
+        q_feat, k_feat, value, causal=causal, key_padding_mask=key_padding_mask, decay=decay
+    )
 
 
 # Test cases: id -> (identifier passed to keras_favor, reference map name, reference kwargs).
