@@ -49,13 +49,19 @@ def assert_close_to_scale(got, want, tolerance):
 
 
 def init_arguments(cls):
-    """The named `__init__` parameters of `cls` (not `self`, not `**kwargs`) with their defaults."""
-    params = inspect.signature(cls.__init__).parameters
-    return {
-        name: p.default
-        for name, p in params.items()
-        if name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
-    }
+    """The named `__init__` parameters of `cls` (not `self`, not `**kwargs`) with their defaults,
+    including those of the base class an `__init__(self, *args, ...)` forwards its arguments to."""
+    arguments = {}
+    for klass in cls.__mro__:
+        if "__init__" not in vars(klass):
+            continue
+        params = inspect.signature(klass.__init__).parameters
+        for name, p in params.items():
+            if name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL):
+                arguments.setdefault(name, p.default)
+        if not any(p.kind == p.VAR_POSITIONAL for p in params.values()):
+            return arguments
+    return arguments
 
 
 def _as_dict(input_data):

@@ -101,49 +101,9 @@ class FavorTransformerDecoder(FavorBlockBase):
         Su et al., RoFormer (rotary position embeddings), arXiv 2104.09864.
     """
 
-    def __init__(
-        self,
-        intermediate_dim,
-        num_heads,
-        dropout=0.0,
-        activation="relu",
-        layer_norm_epsilon=1e-05,
-        kernel_initializer="glorot_uniform",
-        bias_initializer="zeros",
-        normalize_first=False,
-        feature_map="softmax_positive",
-        num_random_features=256,
-        row_norms="chi",
-        orthogonal=True,
-        causal_chunk_size=128,
-        use_rotary_embedding=False,
-        rotary_max_wavelength=10000,
-        seed=None,
-        attention_type="favor",
-        decay=None,
-        causal_conv_kernel_size=None,
-        **kwargs,
-    ):
-        super().__init__(
-            intermediate_dim,
-            num_heads,
-            dropout=dropout,
-            activation=activation,
-            layer_norm_epsilon=layer_norm_epsilon,
-            kernel_initializer=kernel_initializer,
-            bias_initializer=bias_initializer,
-            normalize_first=normalize_first,
-            feature_map=feature_map,
-            num_random_features=num_random_features,
-            row_norms=row_norms,
-            orthogonal=orthogonal,
-            causal_chunk_size=causal_chunk_size,
-            use_rotary_embedding=use_rotary_embedding,
-            rotary_max_wavelength=rotary_max_wavelength,
-            seed=seed,
-            attention_type=attention_type,
-            **kwargs,
-        )
+    def __init__(self, *args, decay=None, causal_conv_kernel_size=None, **kwargs):
+        # Every other argument is the shared block's (`FavorBlockBase`), in its order.
+        super().__init__(*args, **kwargs)
         head_decay(decay, self.num_heads)
         if decay is not None and self.attention_type != "favor":
             raise ValueError(
