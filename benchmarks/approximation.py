@@ -6,7 +6,7 @@ One run prints and stores (benchmarks/results/approximation.json, approximation.
 - attention-output relative error vs exact softmax attention (non-causal), every map (relu and elu are
   not softmax estimators: their error is shown for reference);
 - the estimator's bias over many independent draws of ω: orthogonal features with the sign fix vs plain
-  QR (the pitfall in FACTS.md), and i.i.d.
+  QR (which is not Haar distributed and biases FAVOR+), and i.i.d.
 
 Regimes are stated by the scale σ of the query/key entries at H=64: σ=0.25 gives ‖q·H^(-1/4)‖² ≈ 0.5
 (low variance: ‖x+y‖² ≈ 1), σ=0.5 gives ≈ 2, σ=1.0 gives ≈ 8 (unit-variance entries: every estimator's
