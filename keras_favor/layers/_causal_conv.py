@@ -41,6 +41,8 @@ class CausalDepthwiseConv1D(keras.layers.Layer):
         super().__init__(**kwargs)
         check_kernel_size(kernel_size, "kernel_size")
         self.kernel_size = kernel_size
+        # Positions keep their padding: a Keras mask on the input passes to the output.
+        self.supports_masking = True
 
     def build(self, input_shape):
         width = input_shape[-1]
