@@ -177,15 +177,27 @@ class FeatureMap:
             self.features(key, projection_matrix, is_query=False),
         )
 
-    def _call_factored(self, query, key, projection_matrix=None, *, causal=False, key_mask=None):
+    def _call_factored(
+        self, query, key, projection_matrix=None, *, causal=False, key_mask=None, low_dtype=None
+    ):
         """Query features, key features and an optional per-key scale (B, N, S, 1) or None.
 
         The key features are the product of the last two; `favor_attention` folds the scale into
         the values instead of rescaling the (B, N, S, F) features. Padded keys have scale 0 when a
-        scale is returned. The default has no scale and defers to `__call__`.
+        scale is returned. The default has no scale and defers to `__call__` on float32 inputs;
+        `low_dtype` (see `_low_precision_dtype`) is only used by maps that support it.
         """
+        query, key = ops.cast(query, "float32"), ops.cast(key, "float32")
         q_feat, k_feat = self(query, key, projection_matrix, causal=causal, key_mask=key_mask)
         return q_feat, k_feat, None
+
+    def _low_precision_dtype(self, dtype):
+        """The dtype of this map's fast path for inputs of `dtype`, or None (float32 throughout).
+
+        Only maps whose features are exponentials of stabilised logits have one (see
+        `ExponentialFeatureMap.low_precision_logits`); every other map computes in float32.
+        """
+        return None
 
     def get_config(self):
         return {}
@@ -222,6 +234,11 @@ class ExponentialFeatureMap(FeatureMap):
     feature, with the same stabilisers; `__call__` returns it.
     """
 
+    # Whether `logits` may receive x and w in bfloat16 (under a mixed_bfloat16 policy), to compute
+    # the x·wᵀ matmul at bfloat16 speed. A map that sets it computes everything else in float32
+    # from there on (use `project(x, w)` for the matmul: its result is float32).
+    low_precision_logits = False
+
     @property
     def uses_random_features(self):
         return True
@@ -234,9 +251,10 @@ class ExponentialFeatureMap(FeatureMap):
         return None
 
     def logits(self, x, w, params, *, is_query):
-        """Logits (B, N, L, F) of x (B, N, L, H) with w = ω·H^(-1/4).
+        """Logits (B, N, L, F), float32, of x (B, N, L, H) with w = ω·H^(-1/4).
 
-        Query logits may drop any per-query additive constant (the stabiliser removes it anyway).
+        x and w are float32, or bfloat16 on the fast path (`low_precision_logits`). Query logits
+        may drop any per-query additive constant (the stabiliser removes it anyway).
         """
         raise NotImplementedError
 
@@ -253,20 +271,42 @@ class ExponentialFeatureMap(FeatureMap):
         """
         return None
 
-    def _call_factored(self, query, key, projection_matrix=None, *, causal=False, key_mask=None):
-        if type(self).__call__ is not ExponentialFeatureMap.__call__:  # a subclass's own __call__
+    def _own_call(self):
+        return type(self).__call__ is not ExponentialFeatureMap.__call__
+
+    def _low_precision_dtype(self, dtype):
+        if self.low_precision_logits and not self._own_call() and str(dtype) == "bfloat16":
+            return "bfloat16"
+        return None
+
+    def _call_factored(
+        self, query, key, projection_matrix=None, *, causal=False, key_mask=None, low_dtype=None
+    ):
+        if self._own_call():  # a subclass's own __call__
             return super()._call_factored(
                 query, key, projection_matrix, causal=causal, key_mask=key_mask
             )
-        return self._exponential_features(query, key, projection_matrix, causal, key_mask)
+        return self._exponential_features(
+            query, key, projection_matrix, causal, key_mask, low_dtype
+        )
 
-    def _exponential_features(self, query, key, projection_matrix, causal, key_mask):
+    def _exponential_features(
+        self, query, key, projection_matrix, causal, key_mask, low_dtype=None
+    ):
         key_dim = query.shape[-1]
         w = _scaled_projection(projection_matrix, key_dim)  # (M, H)
-        params = self.parameters(query, key, w, causal=causal, key_mask=key_mask)
-        q_logits = self.logits(query, w, params, is_query=True)  # (B, N, T, F)
-        row = self.key_row_logits(key, w, params)  # (B, N, S, 1) or None
-        k_logits = self.logits(key, w, params, is_query=row is not None)  # (B, N, S, F)
+        query32, key32 = ops.cast(query, "float32"), ops.cast(key, "float32")
+        params = self.parameters(query32, key32, w, causal=causal, key_mask=key_mask)
+        if low_dtype is None:
+            x_q, x_k, w_logits = query32, key32, w
+        else:
+            # The fast path: the logits' matmul in low_dtype (float32 accumulation), and ω rounded
+            # to it once, so that every term of a logit uses the same ω.
+            w_logits = ops.cast(w, low_dtype)
+            x_q, x_k = ops.cast(query, low_dtype), ops.cast(key, low_dtype)
+        q_logits = self.logits(x_q, w_logits, params, is_query=True)  # (B, N, T, F)
+        row = self.key_row_logits(key32, w, params)  # (B, N, S, 1) or None
+        k_logits = self.logits(x_k, w_logits, params, is_query=row is not None)  # (B, N, S, F)
         # Every row is shifted by its own max; the key's total shift moves to the per-key scale.
         # The row max cancels exactly between the two factors, so stopping its gradient is exact.
         q_max = ops.stop_gradient(ops.max(q_logits, axis=-1, keepdims=True))  # (B, N, T, 1)
@@ -293,6 +333,11 @@ class ExponentialFeatureMap(FeatureMap):
             query, key, projection_matrix, causal, key_mask
         )
         return q_feat, k_feat * k_scale
+
+
+def project(x, w):
+    """x (..., H) times wᵀ, w (M, H): (..., M) in float32, whatever the dtype of x and w."""
+    return ops.cast(ops.matmul(x, ops.transpose(w)), "float32")
 
 
 def half_squared_norm(x):

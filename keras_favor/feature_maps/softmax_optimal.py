@@ -4,7 +4,11 @@ import keras
 from keras import ops
 
 from keras_favor._checks import non_negative_number
-from keras_favor.feature_maps.feature_map import ExponentialFeatureMap, half_squared_norm
+from keras_favor.feature_maps.feature_map import (
+    ExponentialFeatureMap,
+    half_squared_norm,
+    project,
+)
 
 
 @keras.saving.register_keras_serializable(package="keras_favor")
@@ -27,6 +31,8 @@ class SoftmaxOptimal(ExponentialFeatureMap):
         Likhosherstov et al., Chefs' Random Tables: Non-Trigonometric Random Features,
         arXiv 2205.15317 (FAVOR++ / optimal positive random features).
     """
+
+    low_precision_logits = True
 
     def __init__(self, rho=None):
         non_negative_number(rho, "rho", allow_none=True)
@@ -64,8 +70,9 @@ class SoftmaxOptimal(ExponentialFeatureMap):
         a = params
         key_dim = w.shape[-1]
         b = ops.sqrt(1.0 - 4.0 * a)
-        omega_sq = ops.sum(ops.square(w), axis=-1) * float(key_dim) ** 0.5  # (M,) = ‖ω‖²
-        u = ops.matmul(x, ops.transpose(w))  # (B, N, L, M)
+        # (M,) = ‖ω‖², of the ω that the matmul uses (rounded to bfloat16 on the fast path)
+        omega_sq = ops.sum(ops.square(ops.cast(w, "float32")), axis=-1) * float(key_dim) ** 0.5
+        u = project(x, w)  # (B, N, L, M)
         logits = b * u + a * omega_sq
         return logits if is_query else logits + self.key_row_logits(x, w, params)
 

@@ -3,7 +3,11 @@
 import keras
 from keras import ops
 
-from keras_favor.feature_maps.feature_map import ExponentialFeatureMap, half_squared_norm
+from keras_favor.feature_maps.feature_map import (
+    ExponentialFeatureMap,
+    half_squared_norm,
+    project,
+)
 
 
 @keras.saving.register_keras_serializable(package="keras_favor")
@@ -19,8 +23,10 @@ class SoftmaxPositive(ExponentialFeatureMap):
         Choromanski et al., Rethinking Attention with Performers, arXiv 2009.14794, Lemma 1.
     """
 
+    low_precision_logits = True
+
     def logits(self, x, w, params, *, is_query):
-        u = ops.matmul(x, ops.transpose(w))  # (B, N, L, M)
+        u = project(x, w)  # (B, N, L, M)
         return u if is_query else u + self.key_row_logits(x, w, params)
 
     def key_row_logits(self, x, w, params):

@@ -177,8 +177,14 @@ class FavorAttention(keras.layers.MultiHeadAttention):
             by chunks in linear time.
 
     Returns:
-        (B, T, E_out) in the layer's compute dtype, with E_out = `output_shape` or E_q. Features
-        and the sums they feed are computed in float32 under any dtype policy.
+        (B, T, E_out) in the layer's compute dtype, with E_out = `output_shape` or E_q. The
+        stabilisers, `exp`, the sums over keys (the causal state) and the normaliser are float32
+        under any dtype policy. Under `mixed_bfloat16` the exponential maps (`softmax_positive`,
+        `softmax_hyperbolic`, `softmax_optimal`) take a fast path: the feature logits and the
+        linear-attention products run in bfloat16 with float32 accumulation (see
+        `keras_favor.ops.favor_attention`'s `matmul_dtype`). Every other map, and
+        `mixed_float16` (whose range cannot hold the causal key scales), computes in float32.
+        `step` (decoding) computes in float32 under every policy.
 
     Example:
 

@@ -3,7 +3,8 @@
 Shape legend: B batch, T query length, S key length, N heads, H key dim, D value dim,
 M random features, F output features of the feature map, C chunk, K number of chunks.
 
-All three compute D⁻¹ φ(Q) (φ(K)ᵀ V) in float32 without forming a T×S matrix; outputs come back in
+All three compute D⁻¹ φ(Q) (φ(K)ᵀ V) without forming a T×S matrix, in float32 (or, on the bfloat16
+fast path of `matmul_dtype`, with bfloat16 products and float32 sums); outputs come back in
 the dtype of `query`. Internally the head-major layout (B, N, L, ·) turns every contraction into a
 plain batched matmul; causal attention uses the chunks-first layout (K, B, N, C, ·) from the inputs
 on, so that its prefix sums over chunks are 2-D matmuls. The normaliser rides along as an extra
@@ -14,6 +15,7 @@ import math
 
 import numpy as np
 from keras import ops
+from keras.backend import standardize_dtype
 
 from keras_favor import feature_maps as feature_maps_lib
 from keras_favor._checks import boolean, invalid, is_number, positive_int
@@ -105,6 +107,31 @@ def _log_decay(decay, num_heads, causal):
     return ops.convert_to_tensor(np.log(np.asarray(rates, dtype=np.float64)), dtype="float32")
 
 
+MATMUL_DTYPES = (None, "float32", "bfloat16")
+
+
+def _low_dtype(feature_map, matmul_dtype, input_dtype):
+    """The fast path's dtype ("bfloat16") or None (float32 throughout); checks `matmul_dtype`."""
+    if matmul_dtype not in MATMUL_DTYPES:
+        raise invalid(
+            "matmul_dtype",
+            "None, 'float32' or 'bfloat16' (float16 cannot hold the causal key scales, up to "
+            "e^40: float16 inputs compute in float32)",
+            matmul_dtype,
+        )
+    if matmul_dtype == "float32":
+        return None
+    requested = "bfloat16" if matmul_dtype == "bfloat16" else standardize_dtype(input_dtype)
+    low_dtype = feature_map._low_precision_dtype(requested)
+    if matmul_dtype == "bfloat16" and low_dtype is None:
+        raise ValueError(
+            f"Argument `matmul_dtype='bfloat16'` needs a map with the bfloat16 fast path "
+            "(softmax_positive, softmax_hyperbolic, softmax_optimal). "
+            f"Received: matmul_dtype='bfloat16', feature_map={feature_map!r}"
+        )
+    return low_dtype
+
+
 def _static_rank_check(x, rank, name, layout):
     if len(x.shape) != rank:
         raise ValueError(
@@ -176,7 +203,7 @@ def _check_projection(feature_map, projection_matrix, key_dim):
 
 
 def _to_heads_first(x):
-    return ops.transpose(ops.cast(x, "float32"), (0, 2, 1, 3))  # (B, L, N, ·) -> (B, N, L, ·)
+    return ops.transpose(x, (0, 2, 1, 3))  # (B, L, N, ·) -> (B, N, L, ·), in the dtype of x
 
 
 def _with_ones_column(value):
@@ -185,15 +212,17 @@ def _with_ones_column(value):
     return ops.concatenate([value, ones], axis=-1)
 
 
-def _features(feature_map, q, k, v, projection_matrix, causal, key_mask):
+def _features(feature_map, q, k, v, projection_matrix, causal, key_mask, low_dtype):
     """Query features, key features and value rows (with the normaliser column) for the cores.
 
-    q, k (·, N, L, H), v (·, N, L, D), key_mask (·, 1, L, 1) or None. Returns q_feat, k_feat
-    (·, N, L, F), v1 (·, N, L, D+1) and whether every key feature is finite.
+    q, k (·, N, L, H), v (·, N, L, D), in the inputs' dtype; key_mask (·, 1, L, 1) or None.
+    Returns q_feat, k_feat (·, N, L, F), v1 (·, N, L, D+1), in `low_dtype` (the fast path) or
+    float32, and whether every key feature is finite.
     """
     q_feat, k_feat, k_scale = feature_map._call_factored(
-        q, k, projection_matrix, causal=causal, key_mask=key_mask
+        q, k, projection_matrix, causal=causal, key_mask=key_mask, low_dtype=low_dtype
     )
+    v = ops.cast(v, "float32")
     if k_scale is None:
         if key_mask is not None:
             # Padded keys leave numerator and normaliser (`where`: an inf feature times 0 is NaN).
@@ -202,7 +231,11 @@ def _features(feature_map, q, k, v, projection_matrix, causal, key_mask):
     # Key features are k_feat·k_scale: the per-key scale (0 for padded keys) goes into the value
     # rows and the ones column, (·, N, L, D+1), not into the (·, N, L, F) features. Factored
     # exponential features are ≤ 1 times a scale ≤ e^40 (the causal bound): never inf.
-    return q_feat, k_feat, ops.concatenate([v * k_scale, k_scale], axis=-1), True
+    v1 = ops.concatenate([v * k_scale, k_scale], axis=-1)
+    if low_dtype is not None:
+        # Features ≤ 1 and scales ≤ e^40 are in bfloat16's range (float32's exponent).
+        q_feat, k_feat, v1 = (ops.cast(x, low_dtype) for x in (q_feat, k_feat, v1))
+    return q_feat, k_feat, v1, True
 
 
 # The backward pass of num/den divides by den twice; a normaliser below this (all of a query's
@@ -238,10 +271,10 @@ def _divide(num, den):
 
 
 def _normalise(out):
-    # (..., D+1) -> (..., D). Only an all-zero feature row gives a zero normaliser (padded or fully
-    # underflowed positions); their numerator is zero too, and the output is 0 instead of NaN.
-    # `split`, not slices: a strided slice's gradient is slow on CPU.
-    num, den = ops.split(out, [out.shape[-1] - 1], axis=-1)
+    # (..., D+1) -> (..., D), float32. Only an all-zero feature row gives a zero normaliser (padded
+    # or fully underflowed positions); their numerator is zero too, and the output is 0 instead of
+    # NaN. `split`, not slices: a strided slice's gradient is slow on CPU.
+    num, den = ops.split(ops.cast(out, "float32"), [out.shape[-1] - 1], axis=-1)
     return _divide(num, ops.where(ops.equal(den, 0.0), 1.0, den))
 
 
@@ -258,7 +291,7 @@ def _non_causal(q_feat, k_feat, v1):
     out = ops.einsum("bntf,bndf->bntd", q_feat, kv)  # (B, N, T, D+1)
 
     def grad(*args, upstream=None):
-        d_out = _upstream(args, upstream)  # (B, N, T, D+1)
+        d_out = ops.cast(_upstream(args, upstream), q_feat.dtype)  # (B, N, T, D+1)
         d_kv = ops.einsum("bntd,bntf->bndf", d_out, q_feat)  # (B, N, D+1, F)
         d_q = ops.matmul(d_out, kv)  # (B, N, T, F)
         d_k = ops.matmul(v1, d_kv)  # (B, N, S, F)
@@ -310,6 +343,15 @@ def _chunked_core(qc, kc, vc, finite_features, log_decay=None):
         poisoned = _exclusive_prefix_sum(bad, num_chunks, reverse=reverse) > 0
         return ops.where(poisoned, float("nan"), total)
 
+    # The products run in the inputs' dtype (bfloat16 on the fast path, with float32
+    # accumulation); the sums over chunks, the states, always in float32.
+    dtype = qc.dtype
+    if within is not None:
+        within, q_decay, k_decay = (ops.cast(x, dtype) for x in (within, q_decay, k_decay))
+
+    def summed(x, reverse):  # prefix sums of a product, in float32, back in the products' dtype
+        return ops.cast(prefix(ops.cast(x, "float32"), reverse), dtype)
+
     def mask(x):  # (K, B, N, C, C) within-chunk weights: tril, or γ^(i−j) on and below it
         return ops.where(causal_mask, x if within is None else x * within, 0.0)
 
@@ -320,16 +362,16 @@ def _chunked_core(qc, kc, vc, finite_features, log_decay=None):
     def core(qc, kc, vc):
         qd, kd = decayed(qc, q_decay), decayed(kc, k_decay)
         kv = ops.einsum("kbncd,kbncf->kbndf", vc, kd)  # (K, B, N, D+1, F): V1_cᵀφ(K_c)
-        state = prefix(kv, False)  # S_c, the state chunk c starts from
+        state = summed(kv, False)  # S_c, the state chunk c starts from
         scores = ops.einsum("kbncf,kbnef->kbnce", qc, kc)  # (K, B, N, C, C), within a chunk
         weights = mask(scores)
         out = ops.einsum("kbncf,kbndf->kbncd", qd, state) + ops.matmul(weights, vc)
 
         def grad(*args, upstream=None):
-            d_out = _upstream(args, upstream)  # (K, B, N, C, D+1)
+            d_out = ops.cast(_upstream(args, upstream), dtype)  # (K, B, N, C, D+1)
             d_weights = mask(ops.einsum("kbncd,kbned->kbnce", d_out, vc))
             d_state = ops.einsum("kbncd,kbncf->kbndf", d_out, qd)
-            d_kv = prefix(d_state, True)  # Σ over later chunks
+            d_kv = summed(d_state, True)  # Σ over later chunks
             d_q = decayed(ops.matmul(d_out, state), q_decay) + ops.matmul(d_weights, kc)
             d_k = ops.einsum("kbnce,kbncf->kbnef", d_weights, qc) + decayed(
                 ops.matmul(vc, d_kv), k_decay
@@ -438,7 +480,6 @@ def _chunk_geometry(length, chunk_size):
 
 def _to_chunks_first(x, chunk_size, num_chunks, pad):
     """(B, L, N, W) -> (K·B, N, C, W): chunk k of batch row b at row k·B + b, heads before C."""
-    x = ops.cast(x, "float32")
     if not (isinstance(pad, int) and pad == 0):
         x = ops.pad(x, [[0, 0], [0, pad], [0, 0], [0, 0]])  # after every real position
     batch, heads, width = ops.shape(x)[0], x.shape[2], x.shape[3]
@@ -503,6 +544,7 @@ def favor_attention(
     key_padding_mask=None,
     chunk_size=DEFAULT_CHUNK_SIZE,
     decay=None,
+    matmul_dtype=None,
 ):
     """Random-feature attention D⁻¹ φ(Q) (φ(K)ᵀ V), in time and memory linear in length.
 
@@ -523,6 +565,17 @@ def favor_attention(
             query t's numerator and normaliser. None (no decay), `"retnet"` (`decay_rates(N)`),
             one number in (0, 1] or a list of N of them. Exact in the chunked form, same cost.
             With `causal=False` it raises a ValueError.
+        matmul_dtype: the dtype of the products. None (default): `"bfloat16"` when `query` is
+            bfloat16 (a `mixed_bfloat16` policy) and the map has the fast path, else
+            `"float32"`. The fast path, for the exponential maps (`softmax_positive`,
+            `softmax_hyperbolic`, `softmax_optimal`): the feature logits ωᵀx and the products
+            φ(K)ᵀV, φ(Q)·(φ(K)ᵀV) and the within-chunk ones take bfloat16 inputs (float32
+            accumulation); the stabilisers, `exp`, the sums over keys and chunks (the causal
+            state) and the normaliser stay in float32. Its error is bfloat16 rounding, far below
+            the estimator's own (`benchmarks/approximation.py --matmul-dtype` measures both).
+            Every other map, and float16 inputs (whose range cannot hold the causal key scales,
+            up to e^40), computes in float32. `"float32"` forces float32 throughout;
+            `"bfloat16"` forces the fast path for float32 inputs too.
 
     Returns:
         (B, T, N, D) in the dtype of `query`.
@@ -553,6 +606,7 @@ def favor_attention(
         )
     _check_projection(feature_map, projection_matrix, qs[-1])
     log_decay = _log_decay(decay, qs[2], causal)
+    low_dtype = _low_dtype(feature_map, matmul_dtype, query.dtype)
     mask = None
     if key_padding_mask is not None:
         check_padding_mask(key_padding_mask, "key_padding_mask", qs[0], ks[1])
@@ -562,7 +616,9 @@ def favor_attention(
         # expand_dims, not [:, None, :, None]: a strided slice adding axes has no TFLite builtin.
         key_mask = None if mask is None else ops.expand_dims(mask, (1, 3))  # (B, 1, S, 1)
         q, k, v = _to_heads_first(query), _to_heads_first(key), _to_heads_first(value)
-        q_feat, k_feat, v1, _ = _features(feature_map, q, k, v, projection_matrix, False, key_mask)
+        q_feat, k_feat, v1, _ = _features(
+            feature_map, q, k, v, projection_matrix, False, key_mask, low_dtype
+        )
         out = _non_causal(q_feat, k_feat, v1)  # (B, N, T, D+1)
         out = ops.transpose(_normalise(out), (0, 2, 1, 3))  # (B, T, N, D)
         return ops.cast(out, query.dtype)
@@ -577,7 +633,14 @@ def favor_attention(
     # Features are per position in causal mode, so they are computed on chunks as rows.
     key_mask = None if mask is None else chunks(ops.expand_dims(mask, (2, 3)))  # (K·B, 1, C, 1)
     q_feat, k_feat, v1, finite = _features(
-        feature_map, chunks(query), chunks(key), chunks(value), projection_matrix, True, key_mask
+        feature_map,
+        chunks(query),
+        chunks(key),
+        chunks(value),
+        projection_matrix,
+        True,
+        key_mask,
+        low_dtype,
     )
 
     def split(x):  # (K·B, N, C, ·) -> (K, B, N, C, ·)
