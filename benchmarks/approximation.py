@@ -156,6 +156,55 @@ def attention_error(dim, sigma, nums, draws, length=256, heads=2, seed=0):
     return rows
 
 
+PRECISION_MAPS = ["softmax_positive", "softmax_hyperbolic", "softmax_optimal"]
+# What a layer under each Keras dtype policy hands the op: (input dtype, matmul_dtype).
+PRECISIONS = {
+    "float32": ("float32", "float32"),
+    "mixed_bfloat16": ("bfloat16", None),  # the fast path: bfloat16 logits and products
+    "mixed_float16": ("float16", None),  # float16 inputs, features and sums in float32
+}
+
+
+def precision_error(dim, sigma, nums, draws, length=256, heads=2, seed=0):
+    """Attention-output relative error vs exact softmax (float64) per policy, on the same draws.
+
+    The inputs are rounded to each policy's compute dtype before the op, as a layer under that
+    policy hands them over; the exact reference uses the float32 inputs. Non-causal and causal.
+    """
+    from keras import ops
+
+    rng = np.random.default_rng(seed)
+    q = rng.normal(scale=sigma, size=(1, length, heads, dim)).astype("float32")
+    k = rng.normal(scale=sigma, size=(1, length, heads, dim)).astype("float32")
+    v = rng.normal(size=(1, length, heads, dim)).astype("float32")
+    s = np.einsum("bthd,bshd->bhts", q, k).astype("float64") / math.sqrt(dim)
+    rows = []
+    for causal in (False, True):
+        scores = np.where(np.tril(np.ones((length, length), bool)), s, -np.inf) if causal else s
+        p = np.exp(scores - scores.max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+        exact = np.einsum("bhts,bshd->bthd", p, v)
+        for name in PRECISION_MAPS:
+            for num in nums:
+                errs = {policy: [] for policy in PRECISIONS}
+                for d in range(draws):
+                    proj = random_features_matrix(num, dim, seed=31 * d + 7)
+                    for policy, (dtype, matmul_dtype) in PRECISIONS.items():
+                        args = [ops.cast(x, dtype) for x in (q, k, v)]
+                        out = favor_attention(
+                            *args, name, proj, causal=causal, matmul_dtype=matmul_dtype
+                        )
+                        out = np.asarray(ops.cast(out, "float32"), dtype="float64")
+                        errs[policy].append(np.linalg.norm(out - exact) / np.linalg.norm(exact))
+                row = {"map": name, "M": num, "causal": causal}
+                for policy, e in errs.items():
+                    row[policy] = float(np.mean(e))
+                for policy in ("mixed_bfloat16", "mixed_float16"):
+                    row[f"{policy}_over_float32"] = row[policy] / row["float32"]
+                rows.append(row)
+    return rows
+
+
 def plot(results, path):
     import matplotlib
 
@@ -205,6 +254,27 @@ def plot(results, path):
     fig.savefig(path, dpi=90)
 
 
+def print_precision(precision, nums):
+    """The per-policy error table and the worst bfloat16 / float32 ratio (goal ≤ 1.1)."""
+    worst = {}
+    for regime, rows in precision.items():
+        print(f"\n== {regime}: attention-output relative error per policy (L=256)")
+        print(
+            f"{'map':<20} {'causal':>6} {'M':>5} | {'float32':>8} {'bf16':>8} {'f16':>8} | "
+            f"{'bf16/f32':>8} {'f16/f32':>8}"
+        )
+        for r in rows:
+            print(
+                f"{r['map']:<20} {str(r['causal']):>6} {r['M']:>5} | {r['float32']:8.4f} "
+                f"{r['mixed_bfloat16']:8.4f} {r['mixed_float16']:8.4f} | "
+                f"{r['mixed_bfloat16_over_float32']:8.3f} {r['mixed_float16_over_float32']:8.3f}"
+            )
+            for policy in ("mixed_bfloat16", "mixed_float16"):
+                worst[policy] = max(worst.get(policy, 0.0), r[f"{policy}_over_float32"])
+    for policy, ratio in worst.items():
+        print(f"worst {policy} / float32 error ratio over every regime, map and M: {ratio:.3f}")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="few draws, for a smoke run")
@@ -221,11 +291,13 @@ def main(argv=None):
         "kernel": {},
         "attention": {},
         "bias": {},
+        "precision": {},
     }
     for regime, sigma in regimes.items():
         results["kernel"][regime] = kernel_mse(args.dim, sigma, nums, draws, pairs=512)
         results["attention"][regime] = attention_error(args.dim, sigma, nums, draws)
         results["bias"][regime] = estimator_bias(args.dim, sigma, 256, bias_draws)
+        results["precision"][regime] = precision_error(args.dim, sigma, nums, max(3, draws // 3))
 
     for regime in regimes:
         print(f"\n== {regime} (H={args.dim}) kernel relative MSE")
@@ -264,6 +336,7 @@ def main(argv=None):
             print(
                 f"{kind.ljust(12)} bias={b['relative_bias']:+.4f} ± {b['standard_error']:.4f}  z={b['z']:+.1f}"
             )
+    print_precision(results["precision"], nums)
     write_json("approximation", results)
     os.makedirs(RESULTS_DIR, exist_ok=True)
     plot(results, os.path.join(RESULTS_DIR, "approximation.png"))

@@ -1,12 +1,16 @@
-"""FavorAttention vs keras.layers.MultiHeadAttention: training speed, longest trainable length.
+"""FavorAttention vs keras.layers.MultiHeadAttention: training speed, causal cost, longest length.
 
 Speed (default): forward + backward (loss = mean(y²); gradients for the weights and the input) of
 one layer on one sequence, B=1, E=512, N=8, key_dim=64, M=256, at L = 1024, 4096, 8192, each layer
-as a `tf.function`: MultiHeadAttention without XLA (under XLA it runs out of memory at 8192),
+as a `tf.function` under each Keras dtype policy of `--policy` (float32, mixed_bfloat16,
+mixed_float16): MultiHeadAttention without XLA (under XLA it runs out of memory at 8192),
 FavorAttention without and with XLA (`jit_compile=True`), and the floor: the same four projections
 with attention replaced by the identity (no attention layer trains faster; MHA/floor bounds any
-speed-up). Prints a table of median times and the speed-up of FavorAttention over
-MultiHeadAttention (goal: ≥ 10× at 8192).
+speed-up). Prints the median times, MHA / FAVOR and FAVOR / floor, with the faster FAVOR mode.
+Goals at 8192 under mixed_bfloat16: FAVOR ≤ 1.5× the floor and MHA / FAVOR ≥ 10×.
+
+Causal cost (`--causal-ratio`): FAVOR's causal / non-causal step time at L = 1024 ... 262144 under
+each policy, plain and XLA. Goal: ≤ 1.25× at every length, under float32 and mixed_bfloat16.
 
 Longest length (`--max-length`): for MultiHeadAttention and FavorAttention (XLA), non-causal and
 causal, doubles L from `--start-length` (16384) up to `--stop-length` (1048576) until a training
@@ -16,10 +20,11 @@ halves instead, to report the longest length that works).
 Every measurement runs in a child process whose address space is capped (`--memory-limit-gb`,
 default 20, with `RLIMIT_AS`), so running out of memory ends that trial, not the run or the machine.
 The peak RSS of each child comes from `wait4`. Results: benchmarks/results/layer_speed.json, with
-a "speed" and a "max_length" section (each run replaces its own).
+a "speed", a "causal_ratio" and a "max_length" section (each run replaces its own).
 
-    python benchmarks/layer_speed.py                         # speed, L = 1024 4096 8192
+    python benchmarks/layer_speed.py --policy float32 mixed_bfloat16    # speed, L = 1024 4096 8192
     python benchmarks/layer_speed.py --lengths 512 1024 --repeats 2   # a quick smoke run
+    python benchmarks/layer_speed.py --causal-ratio --policy float32 mixed_bfloat16
     python benchmarks/layer_speed.py --max-length             # longest trainable L (slow)
     python benchmarks/layer_speed.py --max-length --configs favor_xla --start-length 262144 \
         --stop-length 262144                                  # memory at one length
@@ -49,6 +54,9 @@ NUM_HEADS = 8
 KEY_DIM = 64
 NUM_RANDOM_FEATURES = 256
 
+SPEED_LENGTHS = (1024, 4096, 8192)
+CAUSAL_RATIO_LENGTHS = (1024, 4096, 16384, 65536, 262144)
+
 # (name, layer, xla): the speed run's configurations. "floor" is the same four projections with
 # attention replaced by the identity: no attention layer can train faster than that.
 SPEED_CONFIGS = (
@@ -70,8 +78,9 @@ MAX_LENGTH_CONFIGS = (
 # One trial (in a child process).
 
 
-def run_trial(layer_kind, length, causal, xla, repeats, seed=0):
-    """Builds one layer, times `repeats` training steps after a first (compiling) one.
+def run_trial(layer_kind, length, causal, xla, repeats, policy="float32", seed=0):
+    """Builds one layer under the dtype `policy`, times `repeats` training steps after a first
+    (compiling) one.
 
     Returns a JSON-able dict: ok, first_step_s, median_s, min_s, times_s.
     """
@@ -84,6 +93,7 @@ def run_trial(layer_kind, length, causal, xla, repeats, seed=0):
         raise SystemExit("layer_speed.py needs KERAS_BACKEND=tensorflow")
     from keras_favor import FavorAttention
 
+    keras.config.set_dtype_policy(policy)
     keras.utils.set_random_seed(seed)
     if layer_kind == "mha":
         layer = keras.layers.MultiHeadAttention(NUM_HEADS, KEY_DIM)
@@ -109,7 +119,7 @@ def run_trial(layer_kind, length, causal, xla, repeats, seed=0):
         with tf.GradientTape() as tape:
             tape.watch(inputs)
             y = layer(inputs, inputs, use_causal_mask=causal, training=True)
-            loss = tf.reduce_mean(tf.square(y))
+            loss = tf.reduce_mean(tf.square(tf.cast(y, tf.float32)))
         grads = tape.gradient(loss, layer.trainable_variables + [inputs])
         # One scalar depending on every gradient, so that nothing is pruned.
         return loss + tf.add_n([tf.reduce_sum(g) for g in grads]) * 0.0
@@ -132,9 +142,13 @@ def run_trial(layer_kind, length, causal, xla, repeats, seed=0):
     }
 
 
-def trial(layer_kind, length, *, causal, xla, repeats, memory_limit_gb, timeout_s):
+def trial(
+    layer_kind, length, *, causal, xla, repeats, memory_limit_gb, timeout_s, policy="float32"
+):
     """Runs one trial in a capped child process; adds the child's peak RSS and exit status."""
-    spec = dict(layer_kind=layer_kind, length=length, causal=causal, xla=xla, repeats=repeats)
+    spec = dict(
+        layer_kind=layer_kind, length=length, causal=causal, xla=xla, repeats=repeats, policy=policy
+    )
     result = run_in_capped_child(
         __file__,
         spec,
@@ -144,7 +158,7 @@ def trial(layer_kind, length, *, causal, xla, repeats, memory_limit_gb, timeout_
         poll_s=0.2,
     )
     result["peak_rss_gib"] = result["wait4_maxrss_gib"]
-    result.update(layer=layer_kind, length=length, causal=causal, xla=xla)
+    result.update(layer=layer_kind, length=length, causal=causal, xla=xla, policy=policy)
     return result
 
 
@@ -156,48 +170,117 @@ def _fmt_ms(result):
     return f"{1000 * result['median_s']:.0f}"
 
 
+def _ratio(a, b):
+    """a / b of two trials' median times, or None when either failed."""
+    return a["median_s"] / b["median_s"] if a["ok"] and b["ok"] else None
+
+
+def _fmt_ratio(r, suffix="x"):
+    return f"{r:.2f}{suffix}" if r else "-"
+
+
+def _best_favor(row):
+    """The faster of FAVOR without and with XLA (both are what a user can pick)."""
+    ok = [row[n] for n in ("favor", "favor_xla") if row[n]["ok"]]
+    return min(ok, key=lambda r: r["median_s"]) if ok else row["favor"]
+
+
 def speed(args):
     rows = []
-    for causal in (False, True) if args.causal else (False,):
-        for length in args.lengths:
-            row = {"length": length, "causal": causal}
-            for name, kind, xla in SPEED_CONFIGS:
-                print(f"  L={length} causal={causal} {name} ...", flush=True)
-                row[name] = trial(
-                    kind,
-                    length,
-                    causal=causal,
-                    xla=xla,
-                    repeats=args.repeats,
-                    memory_limit_gb=args.memory_limit_gb,
-                    timeout_s=args.trial_timeout,
-                )
-            mha, floor = row["mha"], row["floor"]
-            for name in ("favor", "favor_xla"):
-                ok = mha["ok"] and row[name]["ok"]
-                row[f"speedup_{name}"] = mha["median_s"] / row[name]["median_s"] if ok else None
-            # The best MHA/FAVOR ratio any attention could reach here: MHA over the floor.
-            ok = mha["ok"] and floor["ok"]
-            row["speedup_bound"] = mha["median_s"] / floor["median_s"] if ok else None
-            rows.append(row)
+    for policy in args.policy:
+        for causal in (False, True) if args.causal else (False,):
+            for length in args.lengths:
+                row = {"length": length, "causal": causal, "policy": policy}
+                for name, kind, xla in SPEED_CONFIGS:
+                    print(f"  {policy} L={length} causal={causal} {name} ...", flush=True)
+                    row[name] = trial(
+                        kind,
+                        length,
+                        causal=causal,
+                        xla=xla,
+                        repeats=args.repeats,
+                        memory_limit_gb=args.memory_limit_gb,
+                        timeout_s=args.trial_timeout,
+                        policy=policy,
+                    )
+                mha, floor = row["mha"], row["floor"]
+                for name in ("favor", "favor_xla"):
+                    row[f"speedup_{name}"] = _ratio(mha, row[name])
+                    row[f"{name}_over_floor"] = _ratio(row[name], floor)
+                best = _best_favor(row)
+                row["best_favor"] = "favor_xla" if best is row["favor_xla"] else "favor"
+                row["speedup_best"] = _ratio(mha, best)
+                row["best_over_floor"] = _ratio(best, floor)
+                # The best MHA/FAVOR ratio any attention could reach here: MHA over the floor.
+                row["speedup_bound"] = _ratio(mha, floor)
+                rows.append(row)
 
     header = (
-        f"{'L':>6} {'causal':>6} | {'MHA ms':>8} {'FAVOR ms':>9} {'FAVOR XLA ms':>13} "
-        f"{'floor ms':>9} | {'MHA/FAVOR':>9} {'MHA/FAVOR XLA':>13} {'MHA/floor':>9} | "
-        f"{'peak GiB (MHA, FAVOR, XLA, floor)':>34}"
+        f"{'policy':>14} {'L':>6} {'causal':>6} | {'MHA ms':>8} {'FAVOR ms':>9} "
+        f"{'FAVOR XLA ms':>13} {'floor ms':>9} | {'MHA/FAVOR':>9} {'FAVOR/floor':>11} "
+        f"{'MHA/floor':>9} | {'peak GiB (MHA, FAVOR, XLA, floor)':>34}"
     )
-    print("\nForward + backward, B=1, E=512, N=8, key_dim=64, M=256 (median of repeats)")
+    print(
+        "\nForward + backward, B=1, E=512, N=8, key_dim=64, M=256 (median of repeats); "
+        "MHA/FAVOR and FAVOR/floor use the faster FAVOR (plain or XLA)"
+    )
     print(header)
     print("-" * len(header))
     for row in rows:
-        ratios = [row["speedup_favor"], row["speedup_favor_xla"], row["speedup_bound"]]
-        ratios = [f"{r:.1f}x" if r else "-" for r in ratios]
         peaks = ", ".join(f"{row[n]['peak_rss_gib']:.1f}" for n, _, _ in SPEED_CONFIGS)
         print(
-            f"{row['length']:>6} {str(row['causal']):>6} | {_fmt_ms(row['mha']):>8} "
-            f"{_fmt_ms(row['favor']):>9} {_fmt_ms(row['favor_xla']):>13} "
-            f"{_fmt_ms(row['floor']):>9} | {ratios[0]:>9} {ratios[1]:>13} {ratios[2]:>9} | "
+            f"{row['policy']:>14} {row['length']:>6} {str(row['causal']):>6} | "
+            f"{_fmt_ms(row['mha']):>8} {_fmt_ms(row['favor']):>9} {_fmt_ms(row['favor_xla']):>13} "
+            f"{_fmt_ms(row['floor']):>9} | {_fmt_ratio(row['speedup_best']):>9} "
+            f"{_fmt_ratio(row['best_over_floor']):>11} {_fmt_ratio(row['speedup_bound']):>9} | "
             f"{peaks:>34}"
+        )
+    return rows
+
+
+def causal_ratio(args):
+    """FAVOR causal / non-causal training-step time per length and policy (plain and XLA)."""
+    rows = []
+    for policy in args.policy:
+        for length in args.lengths:
+            row = {"length": length, "policy": policy}
+            for name, xla in (("favor", False), ("favor_xla", True)):
+                for causal in (False, True):
+                    print(f"  {policy} L={length} {name} causal={causal} ...", flush=True)
+                    row[f"{name}_{'causal' if causal else 'non_causal'}"] = trial(
+                        "favor",
+                        length,
+                        causal=causal,
+                        xla=xla,
+                        repeats=args.repeats,
+                        memory_limit_gb=args.memory_limit_gb,
+                        timeout_s=args.trial_timeout,
+                        policy=policy,
+                    )
+                row[f"{name}_ratio"] = _ratio(row[f"{name}_causal"], row[f"{name}_non_causal"])
+            # The causal step a user gets: the faster mode of each.
+            best = {}
+            for mode in ("causal", "non_causal"):
+                ok = [
+                    row[f"{n}_{mode}"] for n in ("favor", "favor_xla") if row[f"{n}_{mode}"]["ok"]
+                ]
+                best[mode] = min(ok, key=lambda r: r["median_s"]) if ok else row[f"favor_{mode}"]
+            row["best_ratio"] = _ratio(best["causal"], best["non_causal"])
+            rows.append(row)
+    header = (
+        f"{'policy':>14} {'L':>7} | {'plain ms (non-causal, causal)':>30} {'ratio':>6} | "
+        f"{'XLA ms (non-causal, causal)':>28} {'ratio':>6} | {'best ratio':>10}"
+    )
+    print("\nFAVOR causal / non-causal, forward + backward, B=1, E=512, N=8, key_dim=64, M=256")
+    print(header)
+    print("-" * len(header))
+    for row in rows:
+        plain = f"{_fmt_ms(row['favor_non_causal'])}, {_fmt_ms(row['favor_causal'])}"
+        xla = f"{_fmt_ms(row['favor_xla_non_causal'])}, {_fmt_ms(row['favor_xla_causal'])}"
+        print(
+            f"{row['policy']:>14} {row['length']:>7} | {plain:>30} "
+            f"{_fmt_ratio(row['favor_ratio']):>6} | {xla:>28} {_fmt_ratio(row['favor_xla_ratio']):>6} "
+            f"| {_fmt_ratio(row['best_ratio']):>10}"
         )
     return rows
 
@@ -272,9 +355,21 @@ def max_length(args):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 8192])
+    parser.add_argument("--lengths", type=int, nargs="+", default=None)
     parser.add_argument("--repeats", type=int, default=3, help="timed steps after the first")
     parser.add_argument("--causal", action="store_true", help="also time causal attention")
+    parser.add_argument(
+        "--policy",
+        nargs="+",
+        default=["float32"],
+        choices=["float32", "mixed_bfloat16", "mixed_float16"],
+        help="Keras dtype policies to measure, every layer under each (default: float32)",
+    )
+    parser.add_argument(
+        "--causal-ratio",
+        action="store_true",
+        help="FAVOR causal / non-causal per length and policy (lengths default to 1024..262144)",
+    )
     parser.add_argument("--max-length", action="store_true", help="find the longest trainable L")
     parser.add_argument("--start-length", type=int, default=16384)
     parser.add_argument("--stop-length", type=int, default=1048576)
@@ -320,8 +415,16 @@ def main(argv=None):
                 r.setdefault("date", data["max_length"].get("date"))
             results = others + results
         data["max_length"] = {**run_info(**settings), "results": results}
+    elif args.causal_ratio:
+        args.lengths = args.lengths or list(CAUSAL_RATIO_LENGTHS)
+        settings.update(lengths=args.lengths, repeats=args.repeats, policies=args.policy)
+        rows = causal_ratio(args)
+        data["causal_ratio"] = {**run_info(**settings), "results": rows}
     else:
-        settings.update(lengths=args.lengths, repeats=args.repeats, causal=args.causal)
+        args.lengths = args.lengths or list(SPEED_LENGTHS)
+        settings.update(
+            lengths=args.lengths, repeats=args.repeats, causal=args.causal, policies=args.policy
+        )
         rows = speed(args)
         data["speed"] = {**run_info(**settings), "results": rows}
     path = write_json("layer_speed", data)
