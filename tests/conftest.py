@@ -1,4 +1,5 @@
-"""Test-suite configuration: the `slow` marker and the hypothesis profiles of the property tests.
+"""Test-suite configuration: the `slow` and `heavy` markers and the hypothesis profiles of the
+property tests.
 
 Profiles (`HYPOTHESIS_PROFILE` picks one; "ci" when it is unset, locally as in CI):
 
@@ -41,4 +42,10 @@ def pytest_configure(config):
         "markers",
         "slow: a test that takes more than ~20 s on a 2-core machine (deselect with "
         "-m 'not slow'; CI runs everything)",
+    )
+    config.addinivalue_line(
+        "markers",
+        "heavy: compiles large graphs (the harness with every argument, quantization, training "
+        "to convergence), 6-26 s each on the JAX backend; CI runs it on the TensorFlow pass and "
+        "its JAX pass deselects it (-m 'not heavy'), where lighter tests of the same layer run",
     )

@@ -182,6 +182,7 @@ def test_random_features_start_estimates_softmax_attention():
 
 
 class TestHedgehogAttention(TestCase):
+    @pytest.mark.heavy
     def test_layer_harness(self):
         # Config, symbolic and eager calls, a fit step that moves every weight (the map's
         # included), both mixed policies and a bit-exact `.keras` round trip.

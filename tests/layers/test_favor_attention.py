@@ -90,6 +90,7 @@ class TestHarness(TestCase):
         assert layer.value_dim == 3 and layer.seed == 7 and layer.causal_chunk_size == 3
         assert layer.decay == [0.9, 0.5]
 
+    @pytest.mark.heavy
     @pytest.mark.parametrize("causal", [False, True])
     def test_self_attention_all_arguments(self, causal):
         x = data(3, 7, 6)
@@ -413,6 +414,7 @@ def test_weights_have_multi_head_attention_structure():
         assert getattr(favor, name).equation == getattr(mha, name).equation
 
 
+@pytest.mark.heavy
 def test_multi_head_attention_weights_load_and_outputs_converge():
     """MHA weights load as they are; FAVOR+ outputs approach MHA's as M grows (logits ~0.2)."""
     kwargs = dict(num_heads=2, key_dim=8, value_dim=6, output_shape=10)

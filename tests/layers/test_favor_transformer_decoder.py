@@ -59,6 +59,7 @@ SMALL = dict(intermediate_dim=16, num_heads=2, num_random_features=16, seed=0)
 
 class TestHarness(TestCase):
     # "softmax" is the only non-default attention_type: with it every argument is non-default.
+    @pytest.mark.heavy
     @pytest.mark.parametrize("attention_type", ["favor", "softmax"])
     def test_self_attention_all_arguments_non_default(self, attention_type):
         self.run_layer_test(
@@ -70,6 +71,7 @@ class TestHarness(TestCase):
             expected_num_non_trainable_weights=2 if attention_type == "favor" else 0,
         )
 
+    @pytest.mark.heavy
     @pytest.mark.parametrize("attention_type", ["favor", "softmax"])
     def test_cross_attention_all_arguments_non_default(self, attention_type):
         self.run_layer_test(
@@ -339,6 +341,7 @@ def test_keras_hub_call_arguments():
         decoder(x, encoder, use_causal_mask="yes")
 
 
+@pytest.mark.heavy
 @pytest.mark.filterwarnings("ignore:Layer .* does not have a `quantize` method")
 @pytest.mark.parametrize("use_rotary_embedding", [False, True])
 def test_int8_quantized_block_still_streams(use_rotary_embedding):

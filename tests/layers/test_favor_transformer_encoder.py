@@ -36,7 +36,9 @@ SMALL = dict(intermediate_dim=16, num_heads=2, num_random_features=16, seed=0)
 
 
 class TestHarness(TestCase):
-    @pytest.mark.parametrize("attention_type", ["favor", "softmax"])
+    @pytest.mark.parametrize(
+        "attention_type", ["favor", pytest.param("softmax", marks=pytest.mark.heavy)]
+    )
     def test_all_arguments_non_default(self, attention_type):
         # "softmax" is the only non-default attention_type: with it every argument is
         # non-default (the FAVOR options are unused but still serialized).
@@ -51,6 +53,7 @@ class TestHarness(TestCase):
             expected_num_non_trainable_weights=2 if attention_type == "favor" else 0,
         )
 
+    @pytest.mark.heavy
     def test_softmax_defaults_post_norm(self):
         self.run_layer_test(
             FavorTransformerEncoder,
