@@ -39,7 +39,7 @@ lengths are then skipped for it. Tokens/s are L over the fastest call (``min_s``
 disturbed); medians are in the JSON too. Ratios: favor/exact and favor/floor tokens/s at each
 length and runtime, and favor/floor decode latency, all measured in the same run.
 
-    python benchmarks/serving_inference.py            # the full run (see --help)
+    python benchmarks/serving_inference.py            # the full run (ten minutes or more)
     python benchmarks/serving_inference.py --quick    # L = 256, 512; context 256
 
 Results: benchmarks/results/serving_inference.json (``--quick`` writes
