@@ -76,6 +76,7 @@ def build_model(
     decay=None,
     causal_conv_kernel_size=None,
     use_rotary_embedding=True,
+    attention_type="favor",
     seed=0,
 ):
     """A byte-level causal FAVOR+ Transformer language model (functional API).
@@ -83,7 +84,9 @@ def build_model(
     token_ids (B, L) int32 -> token embeddings (B, L, E) -> `num_blocks` pre-LN
     `FavorTransformerDecoder` blocks with rotary position embeddings -> LayerNorm -> Dense logits
     (B, L, 256). Any length L works: rotary embeddings have no table to outgrow. `decay`,
-    `causal_conv_kernel_size` and `use_rotary_embedding` are the blocks' arguments.
+    `causal_conv_kernel_size`, `use_rotary_embedding` and `attention_type` are the blocks'
+    arguments: `attention_type="softmax"` gives the same model with exact softmax attention
+    (the same weights; it takes no `decay`), the reference FAVOR is compared with.
     """
     token_ids = keras.Input((None,), dtype="int32", name="token_ids")
     x = TokenAndPositionEmbedding(
@@ -107,6 +110,7 @@ def build_model(
             use_rotary_embedding=use_rotary_embedding,
             decay=decay,
             causal_conv_kernel_size=causal_conv_kernel_size,
+            attention_type=attention_type,
             seed=seed * 1000 + i,  # a distinct seed per block
             name=f"decoder_{i}",
         )(x)

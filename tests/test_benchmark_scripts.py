@@ -47,3 +47,28 @@ def test_dispatcher_lists_every_benchmark():
     listed = result.stdout.rsplit("available:", 1)[-1]
     for script in SCRIPTS:
         assert script[:-3] in listed
+
+
+def test_serving_inference_floor_is_the_value_projection():
+    # benchmarks/serving_inference.py's "floor" model: each FavorAttention outputs its projected
+    # values (the decode step too, leaving the state as it was); the layer is restored after.
+    import keras
+    import numpy as np
+
+    from benchmarks.serving_inference import attention_floor
+    from keras_favor import FavorAttention
+
+    layer = FavorAttention(num_heads=2, key_dim=4, num_random_features=8, seed=0)
+    x = np.random.default_rng(0).normal(size=(1, 6, 8)).astype("float32")
+    favor = keras.ops.convert_to_numpy(layer(x, x, use_causal_mask=True))
+    values = keras.ops.convert_to_numpy(layer._output_dense(layer._value_dense(x)))
+    state = layer.get_initial_state(1)
+    with attention_floor():
+        floor = keras.ops.convert_to_numpy(layer(x, x, use_causal_mask=True))
+        step, new_state = layer.step(x[:, 2], x[:, 2], state)
+    np.testing.assert_allclose(floor, values, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(step), values[:, 2], atol=1e-6)
+    assert all(new is old for new, old in zip(new_state, state))
+    assert np.abs(favor - values).max() > 1e-3  # attention mixes positions; the floor does not
+    restored = keras.ops.convert_to_numpy(layer(x, x, use_causal_mask=True))
+    np.testing.assert_array_equal(restored, favor)

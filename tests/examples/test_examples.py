@@ -164,6 +164,27 @@ def test_quickstart_model_takes_long_sequences():
     assert tuple(logits.shape) == (1, 8200, data.VOCABULARY_SIZE)
 
 
+def test_quickstart_model_with_exact_attention():
+    from examples import quickstart
+
+    favor = quickstart.build_model(**TINY_LM, causal_conv_kernel_size=4)
+    exact = quickstart.build_model(**TINY_LM, causal_conv_kernel_size=4, attention_type="softmax")
+    blocks = [layer for layer in exact.layers if hasattr(layer, "attention_type")]
+    assert [block.attention_type for block in blocks] == ["softmax"]
+    # The same trainable weights (FAVOR adds only its non-trainable random features).
+    shapes = [tuple(w.shape) for w in exact.trainable_weights]
+    assert shapes == [tuple(w.shape) for w in favor.trainable_weights]
+    # Causal: changing bytes 8.. leaves the logits of positions 0..7 exactly as they were.
+    ids = np.random.default_rng(0).integers(0, 256, (1, 12)).astype("int32")
+    changed = ids.copy()
+    changed[0, 8:] = (changed[0, 8:] + 1) % 256
+    before, after = (keras.ops.convert_to_numpy(exact(x)) for x in (ids, changed))
+    np.testing.assert_allclose(before[:, :8], after[:, :8], rtol=0, atol=1e-6)
+    assert np.abs(before[:, 8:] - after[:, 8:]).max() > 1e-4
+    with pytest.raises(ValueError, match="decay"):
+        quickstart.build_model(**TINY_LM, decay=[0.9, 0.99], attention_type="softmax")
+
+
 # ------------------------------------------------------------------------------------------------
 # examples/char_lm.py
 
