@@ -6,11 +6,15 @@ as a `tf.function` under each Keras dtype policy of `--policy` (float32, mixed_b
 mixed_float16): MultiHeadAttention without XLA (under XLA it runs out of memory at 8192),
 FavorAttention without and with XLA (`jit_compile=True`), and the floor: the same four projections
 with attention replaced by the identity (no attention layer trains faster; MHA/floor bounds any
-speed-up). Prints the median times, MHA / FAVOR and FAVOR / floor, with the faster FAVOR mode.
+speed-up), and "products": the floor plus FAVOR's matrix products alone (ωᵀq, ωᵀk, V1ᵀφ(K),
+φ(Q)·(V1ᵀφ(K)) and their gradients, no element-wise work), whose time over the floor is the least
+FAVOR / floor that any layer computing those products can reach on this machine. Prints the median
+times, MHA / FAVOR and FAVOR / floor, with the faster FAVOR mode, and products / floor.
 Goals at 8192 under mixed_bfloat16: FAVOR ≤ 1.5× the floor and MHA / FAVOR ≥ 10×.
 
 Causal cost (`--causal-ratio`): FAVOR's causal / non-causal step time at L = 1024 ... 262144 under
-each policy, plain and XLA. Goal: ≤ 1.25× at every length, under float32 and mixed_bfloat16.
+each policy, without XLA (what `fit` runs on a CPU-only machine; `--xla` for the compiled step).
+Goal: ≤ 1.25× at every length, under float32 and mixed_bfloat16.
 
 Longest length (`--max-length`): for MultiHeadAttention and FavorAttention (XLA), non-causal and
 causal, doubles L from `--start-length` (16384) up to `--stop-length` (1048576) until a training
@@ -64,6 +68,7 @@ SPEED_CONFIGS = (
     ("favor", "favor", False),
     ("favor_xla", "favor", True),
     ("floor", "floor", False),
+    ("matmuls", "matmuls", False),
 )
 # The longest-length run: MHA without XLA (its best mode), FAVOR with and without XLA (XLA packs
 # the causal step's buffers less tightly on CPU).
@@ -106,6 +111,28 @@ def run_trial(layer_kind, length, causal, xla, repeats, policy="float32", seed=0
                 return self.output_dense(v + 0.0 * (q + k))  # every projection in the gradient
 
         layer = Floor(NUM_HEADS, KEY_DIM, feature_map="elu")
+    elif layer_kind == "matmuls":
+        from keras import ops
+
+        class FloorAndProducts(FavorAttention):
+            # The floor plus FAVOR's matrix products and nothing else: ωᵀq, ωᵀk, V1ᵀφ(K) and
+            # φ(Q)·(V1ᵀφ(K)) in the compute dtype, their gradients by autodiff (the same six
+            # backward products as FAVOR's). No exp, stabiliser or normaliser: a lower bound of
+            # any FAVOR layer's time that computes these products.
+            def call(self, query, value, key=None, use_causal_mask=False, training=None):
+                q, k = self.query_dense(query), self.key_dense(value)
+                v = self.value_dense(value)
+                w = ops.transpose(ops.cast(self.projection_matrix, q.dtype))  # (H, M)
+                qh, kh, vh = (ops.transpose(x, (0, 2, 1, 3)) for x in (q, k, v))
+                v1 = ops.concatenate([vh, ops.ones_like(vh[..., :1])], axis=-1)
+                kv = ops.einsum("bnsd,bnsf->bndf", v1, ops.matmul(kh, w))
+                out = ops.einsum("bntf,bndf->bntd", ops.matmul(qh, w), kv)
+                out = ops.split(out, [out.shape[-1] - 1], axis=-1)[0]
+                return self.output_dense(ops.transpose(out, (0, 2, 1, 3)))
+
+        layer = FloorAndProducts(
+            NUM_HEADS, KEY_DIM, num_random_features=NUM_RANDOM_FEATURES, seed=seed
+        )
     else:
         layer = FavorAttention(
             NUM_HEADS, KEY_DIM, num_random_features=NUM_RANDOM_FEATURES, seed=seed
@@ -211,14 +238,16 @@ def speed(args):
                 row["best_favor"] = "favor_xla" if best is row["favor_xla"] else "favor"
                 row["speedup_best"] = _ratio(mha, best)
                 row["best_over_floor"] = _ratio(best, floor)
-                # The best MHA/FAVOR ratio any attention could reach here: MHA over the floor.
+                # The best MHA/FAVOR ratio any attention could reach here: MHA over the floor;
+                # and the least FAVOR/floor any layer computing FAVOR's products could reach.
                 row["speedup_bound"] = _ratio(mha, floor)
+                row["matmuls_over_floor"] = _ratio(row["matmuls"], floor)
                 rows.append(row)
 
     header = (
         f"{'policy':>14} {'L':>6} {'causal':>6} | {'MHA ms':>8} {'FAVOR ms':>9} "
         f"{'FAVOR XLA ms':>13} {'floor ms':>9} | {'MHA/FAVOR':>9} {'FAVOR/floor':>11} "
-        f"{'MHA/floor':>9} | {'peak GiB (MHA, FAVOR, XLA, floor)':>34}"
+        f"{'MHA/floor':>9} {'products/floor':>14} | {'peak GiB (MHA, FAVOR, XLA, floor)':>34}"
     )
     print(
         "\nForward + backward, B=1, E=512, N=8, key_dim=64, M=256 (median of repeats); "
@@ -227,60 +256,53 @@ def speed(args):
     print(header)
     print("-" * len(header))
     for row in rows:
-        peaks = ", ".join(f"{row[n]['peak_rss_gib']:.1f}" for n, _, _ in SPEED_CONFIGS)
+        peaks = ", ".join(f"{row[n]['peak_rss_gib']:.1f}" for n, _, _ in SPEED_CONFIGS[:4])
         print(
             f"{row['policy']:>14} {row['length']:>6} {str(row['causal']):>6} | "
             f"{_fmt_ms(row['mha']):>8} {_fmt_ms(row['favor']):>9} {_fmt_ms(row['favor_xla']):>13} "
             f"{_fmt_ms(row['floor']):>9} | {_fmt_ratio(row['speedup_best']):>9} "
-            f"{_fmt_ratio(row['best_over_floor']):>11} {_fmt_ratio(row['speedup_bound']):>9} | "
+            f"{_fmt_ratio(row['best_over_floor']):>11} {_fmt_ratio(row['speedup_bound']):>9} "
+            f"{_fmt_ratio(row['matmuls_over_floor']):>14} | "
             f"{peaks:>34}"
         )
     return rows
 
 
 def causal_ratio(args):
-    """FAVOR causal / non-causal training-step time per length and policy (plain and XLA)."""
+    """FAVOR causal / non-causal training-step time per length and policy.
+
+    Without XLA: the mode Keras's `fit` uses on a CPU-only TensorFlow machine
+    (`jit_compile="auto"` turns XLA off there); `--xla` measures the compiled step instead.
+    """
     rows = []
     for policy in args.policy:
         for length in args.lengths:
-            row = {"length": length, "policy": policy}
-            for name, xla in (("favor", False), ("favor_xla", True)):
-                for causal in (False, True):
-                    print(f"  {policy} L={length} {name} causal={causal} ...", flush=True)
-                    row[f"{name}_{'causal' if causal else 'non_causal'}"] = trial(
-                        "favor",
-                        length,
-                        causal=causal,
-                        xla=xla,
-                        repeats=args.repeats,
-                        memory_limit_gb=args.memory_limit_gb,
-                        timeout_s=args.trial_timeout,
-                        policy=policy,
-                    )
-                row[f"{name}_ratio"] = _ratio(row[f"{name}_causal"], row[f"{name}_non_causal"])
-            # The causal step a user gets: the faster mode of each.
-            best = {}
-            for mode in ("causal", "non_causal"):
-                ok = [
-                    row[f"{n}_{mode}"] for n in ("favor", "favor_xla") if row[f"{n}_{mode}"]["ok"]
-                ]
-                best[mode] = min(ok, key=lambda r: r["median_s"]) if ok else row[f"favor_{mode}"]
-            row["best_ratio"] = _ratio(best["causal"], best["non_causal"])
+            row = {"length": length, "policy": policy, "xla": args.xla}
+            for causal in (False, True):
+                print(f"  {policy} L={length} causal={causal} xla={args.xla} ...", flush=True)
+                row["causal" if causal else "non_causal"] = trial(
+                    "favor",
+                    length,
+                    causal=causal,
+                    xla=args.xla,
+                    repeats=args.repeats,
+                    memory_limit_gb=args.memory_limit_gb,
+                    timeout_s=args.trial_timeout,
+                    policy=policy,
+                )
+            row["ratio"] = _ratio(row["causal"], row["non_causal"])
             rows.append(row)
-    header = (
-        f"{'policy':>14} {'L':>7} | {'plain ms (non-causal, causal)':>30} {'ratio':>6} | "
-        f"{'XLA ms (non-causal, causal)':>28} {'ratio':>6} | {'best ratio':>10}"
+    header = f"{'policy':>14} {'L':>7} | {'non-causal ms':>13} {'causal ms':>10} | {'ratio':>6}"
+    print(
+        "\nFAVOR causal / non-causal, forward + backward, B=1, E=512, N=8, key_dim=64, M=256"
+        f"{', XLA' if args.xla else ''} (goal: ratio ≤ 1.25 at every length)"
     )
-    print("\nFAVOR causal / non-causal, forward + backward, B=1, E=512, N=8, key_dim=64, M=256")
     print(header)
     print("-" * len(header))
     for row in rows:
-        plain = f"{_fmt_ms(row['favor_non_causal'])}, {_fmt_ms(row['favor_causal'])}"
-        xla = f"{_fmt_ms(row['favor_xla_non_causal'])}, {_fmt_ms(row['favor_xla_causal'])}"
         print(
-            f"{row['policy']:>14} {row['length']:>7} | {plain:>30} "
-            f"{_fmt_ratio(row['favor_ratio']):>6} | {xla:>28} {_fmt_ratio(row['favor_xla_ratio']):>6} "
-            f"| {_fmt_ratio(row['best_ratio']):>10}"
+            f"{row['policy']:>14} {row['length']:>7} | {_fmt_ms(row['non_causal']):>13} "
+            f"{_fmt_ms(row['causal']):>10} | {_fmt_ratio(row['ratio']):>6}"
         )
     return rows
 
@@ -370,6 +392,7 @@ def main(argv=None):
         action="store_true",
         help="FAVOR causal / non-causal per length and policy (lengths default to 1024..262144)",
     )
+    parser.add_argument("--xla", action="store_true", help="--causal-ratio: the XLA step")
     parser.add_argument("--max-length", action="store_true", help="find the longest trainable L")
     parser.add_argument("--start-length", type=int, default=16384)
     parser.add_argument("--stop-length", type=int, default=1048576)
@@ -417,7 +440,9 @@ def main(argv=None):
         data["max_length"] = {**run_info(**settings), "results": results}
     elif args.causal_ratio:
         args.lengths = args.lengths or list(CAUSAL_RATIO_LENGTHS)
-        settings.update(lengths=args.lengths, repeats=args.repeats, policies=args.policy)
+        settings.update(
+            lengths=args.lengths, repeats=args.repeats, policies=args.policy, xla=args.xla
+        )
         rows = causal_ratio(args)
         data["causal_ratio"] = {**run_info(**settings), "results": rows}
     else:
