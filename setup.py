@@ -19,7 +19,7 @@ setup(
         "export": ["ai-edge-litert", "tensorflow-serving-api>=2.21,<2.22"],
         "tests": [
             "pytest>=8",
-            "pytest-xdist",
+            "pytest-xdist>=3.2",
             "hypothesis>=6",
             "jax[cpu]",
             "ai-edge-litert",

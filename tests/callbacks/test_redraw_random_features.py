@@ -715,7 +715,7 @@ def test_verbose_logs_each_redraw_with_step_and_layer_count(capsys):
 # Training.
 
 
-@pytest.mark.parametrize("every_n_steps", [None, 1])
+@pytest.mark.parametrize("every_n_steps", [None, 4])
 def test_loss_falls_with_and_without_redraws(every_n_steps):
     model, layer = small_model()
     x, y = data(64, seed=1)

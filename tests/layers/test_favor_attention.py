@@ -117,6 +117,7 @@ class TestHarness(TestCase):
             attribute_exceptions=ATTRIBUTE_EXCEPTIONS,
         )
 
+    @pytest.mark.heavy
     def test_deterministic_map_has_no_projection(self):
         x = data(2, 6, 8)
         self.run_layer_test(

@@ -36,9 +36,8 @@ SMALL = dict(intermediate_dim=16, num_heads=2, num_random_features=16, seed=0)
 
 
 class TestHarness(TestCase):
-    @pytest.mark.parametrize(
-        "attention_type", ["favor", pytest.param("softmax", marks=pytest.mark.heavy)]
-    )
+    @pytest.mark.heavy
+    @pytest.mark.parametrize("attention_type", ["favor", "softmax"])
     def test_all_arguments_non_default(self, attention_type):
         # "softmax" is the only non-default attention_type: with it every argument is
         # non-default (the FAVOR options are unused but still serialized).

@@ -105,6 +105,7 @@ def test_gradients_equal_autodiff_of_the_quadratic_form(chunk_size):
         np.testing.assert_allclose(got, want, atol=2e-5, err_msg=f"argument {index}")
 
 
+@pytest.mark.heavy
 def test_gradients_through_the_blocked_prefix():
     # 80 chunks of 1: the blocked prefix sum (and its reverse in the gradient) against the
     # single-matmul form over the same chunks (chunk 80 = one chunk, no prefix at all).

@@ -130,6 +130,7 @@ def _gradients(fn, args):
     pytest.skip(f"no gradient helper for {backend}")
 
 
+@pytest.mark.heavy
 def test_fast_path_with_decay_and_padding_keeps_exact_identities():
     # Causal outputs at t ignore later tokens, and padding equals truncation, on the fast path.
     q, k, v = as_dtype(inputs(length=50), "bfloat16")
