@@ -341,8 +341,28 @@ def merge_rows(previous, results):
     return [rows[name] for name in order if name in rows]
 
 
+def exact_counterpart(variant):
+    """The exact softmax variant with the same positions and convolution as a FAVOR `variant`
+    (its decay aside: softmax attention has none), or None (no such variant, or not FAVOR)."""
+    spec = VARIANTS.get(variant)
+    if spec is None or spec.attention != "favor":
+        return None
+    for name, other in VARIANTS.items():
+        if (
+            other.attention != "favor"
+            and other.positions == spec.positions
+            and other.causal_conv_kernel_size == spec.causal_conv_kernel_size
+        ):
+            return name
+    return None
+
+
 def write_results(output_dir, results, settings):
-    """Writes results.json, results.csv, results.md and loss_curves.png; returns their paths."""
+    """Writes results.json, results.csv, results.md and loss_curves.png; returns their paths.
+
+    The table gives each row's validation bits per byte relative to `exact`'s and, for FAVOR,
+    to those of the exact variant with the same extras (`exact_counterpart`), when they ran.
+    """
     columns = [
         "variant",
         "validation_bits_per_byte",
@@ -359,9 +379,9 @@ def write_results(output_dir, results, settings):
         + (f", redraw every {settings['redraw_every']} steps" if settings["redraw_every"] else "")
         + f"; validation on {settings['validation_bytes']:,} held-out bytes.",
         "",
-        "| variant | attention | validation bits/byte | train bits/byte (last epoch) "
-        "| train time (s) | s/step |",
-        "|---|---|---|---|---|---|",
+        "| variant | attention | validation bits/byte | vs `exact` | vs exact, same extras "
+        "| train bits/byte (last epoch) | train time (s) | s/step |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for row in results:
         if row["variant"] == CONVERTED:
@@ -371,13 +391,24 @@ def write_results(output_dir, results, settings):
                 f"steps) on {row['trained_parameters']:,} feature-map parameters; validation "
                 f"bits/byte {100 * row['relative_to_exact']:+.2f} % relative to `exact`.\n"
             )
+    bits = {row["variant"]: row["validation_bits_per_byte"] for row in results}
+
+    def relative(variant, reference):
+        if variant == reference or reference not in bits:
+            return "—"
+        return f"{100 * (bits[variant] / bits[reference] - 1):+.1f} %"
 
     def row_line(row):
+        name = row["variant"]
         train = row["final_train_bits_per_byte"]
         train = "—" if train is None else f"{train:.3f}"
+        counterpart = exact_counterpart(name)
+        same_extras = "—"
+        if counterpart not in (None, "exact") and counterpart in bits:
+            same_extras = f"{relative(name, counterpart)} (`{counterpart}`)"
         return (
-            f"| `{row['variant']}` | {description(row['variant'])} | "
-            f"{row['validation_bits_per_byte']:.3f} | {train} | "
+            f"| `{name}` | {description(name)} | {row['validation_bits_per_byte']:.3f} | "
+            f"{relative(name, 'exact')} | {same_extras} | {train} | "
             f"{row['train_seconds']:.0f} | {row['seconds_per_step']:.3f} |"
         )
 
@@ -393,9 +424,10 @@ def _plot(path, results):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    colors = plt.get_cmap("tab20")
     for i, row in enumerate(results):
-        color = f"C{i}"
+        color = colors(i % colors.N)
         if not row["train_bits_per_byte"]:  # a converted model: one point, after its transfer
             ax.plot(
                 row["steps"],
@@ -422,7 +454,7 @@ def _plot(path, results):
     ax.set_ylabel("bits per byte")
     ax.set_title("Byte-level LM: validation (solid) and training (dashed) loss")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

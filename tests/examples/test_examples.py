@@ -280,6 +280,8 @@ def test_char_lm(tmp_path):
     assert "attention-transfer steps" in table
     for name in CHAR_LM_TESTED:
         assert f"| `{name}` | {char_lm.VARIANTS[name].description} |" in table
+    exact, default = (rows[n]["validation_bits_per_byte"] for n in ("exact", "favor_default"))
+    assert f"| {default:.3f} | {100 * (default / exact - 1):+.1f} % | — |" in table
     assert (tmp_path / "loss_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # merge=True adds a variant's row to the table, keeps the others (the conversion too, as
@@ -307,6 +309,27 @@ def test_char_lm(tmp_path):
     assert written["settings"]["variants"] == [n for n in names if n != char_lm.CONVERTED]
     assert written["results"][0] == json.loads(json.dumps(rows["exact"]))
     assert "| `favor_relu` |" in (tmp_path / "results.md").read_text()
+
+
+def test_char_lm_exact_counterparts_have_the_same_extras():
+    counterparts = {name: char_lm.exact_counterpart(name) for name in char_lm.VARIANTS}
+    assert counterparts == {
+        "exact": None,
+        "favor_positive_redraw": "exact",
+        "favor_positive_fixed": "exact",
+        "favor_hyperbolic": "exact",
+        "favor_relu": "exact",
+        "favor_hedgehog": "exact",
+        "favor_default": "exact",
+        "exact_rope": None,
+        "exact_conv_rope": None,
+        "exact_conv_nope": None,
+        "favor_conv_rope": "exact_conv_rope",
+        "favor_decay_conv_nope": "exact_conv_nope",
+        "favor_decay_conv_rope": "exact_conv_rope",
+        "favor_hyperbolic_decay_conv_rope": "exact_conv_rope",
+        "favor_decay256_conv_rope": "exact_conv_rope",
+    }
 
 
 def test_char_lm_merge_refuses_other_settings(tmp_path):
