@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 
 from examples import char_lm, data, long_classification
+from keras_favor import feature_maps, ops
+from keras_favor.layers import FavorTransformerDecoder
 
 tf_only = pytest.mark.skipif(
     keras.backend.backend() != "tensorflow", reason="export needs the TensorFlow backend"
@@ -189,39 +191,99 @@ def test_quickstart_model_with_exact_attention():
 # examples/char_lm.py
 
 
+def decoder_blocks(model):
+    return [layer for layer in model.layers if isinstance(layer, FavorTransformerDecoder)]
+
+
+@pytest.mark.parametrize("variant", list(char_lm.VARIANTS))
+def test_char_lm_builds_each_variant_with_its_options(variant):
+    spec = char_lm.VARIANTS[variant]
+    model = char_lm.build_model(variant, hedgehog_feature_dim=5, **TINY_LM)
+    embedding = model.get_layer("embedding")
+    expected_positions = "sine" if spec.positions == "sine" else None
+    assert embedding.position_embedding_type == expected_positions
+    blocks = decoder_blocks(model)
+    if spec.attention == "exact":
+        assert not blocks
+        assert isinstance(model.get_layer("decoder_0_attention"), keras.layers.MultiHeadAttention)
+    else:
+        assert len(blocks) == TINY_LM["num_blocks"]
+    parameters = data.trainable_parameters(model)
+    plain = data.trainable_parameters(char_lm.build_model("exact", **TINY_LM))
+    for block in blocks:
+        config = block.get_config()
+        assert config["attention_type"] == ("softmax" if spec.attention == "softmax" else "favor")
+        assert config["use_rotary_embedding"] == (spec.positions == "rotary")
+        assert config["causal_conv_kernel_size"] == spec.causal_conv_kernel_size
+        if spec.decay_reaches:
+            rates = config["decay"]
+            assert rates == pytest.approx(
+                ops.decay_rates(TINY_LM["num_heads"], *spec.decay_reaches)
+            )
+            assert [round(1 / (1 - g)) for g in (rates[0], rates[-1])] == list(spec.decay_reaches)
+        else:
+            assert config["decay"] is None
+        if spec.package_defaults:  # every attention option is the block's own default
+            defaults = FavorTransformerDecoder(intermediate_dim=8, num_heads=2).get_config()
+            for key in ("feature_map", "num_random_features", "orthogonal", "row_norms"):
+                assert config[key] == defaults[key]
+            assert config["num_random_features"] != TINY_LM["num_random_features"]
+        elif spec.attention == "favor":
+            assert config["num_random_features"] == TINY_LM["num_random_features"]
+            expected_map = feature_maps.get(
+                feature_maps.Hedgehog(5) if spec.feature_map == "hedgehog" else spec.feature_map
+            )
+            assert config["feature_map"] == feature_maps.serialize(expected_map)
+    # Equal budgets: only the convolution (kernel K x E and bias E per block) and the learnable
+    # map (per block, query and key: kernel H x F' and bias F' per head) add parameters.
+    extra = 0
+    if spec.causal_conv_kernel_size:
+        extra += TINY_LM["num_blocks"] * (spec.causal_conv_kernel_size + 1) * TINY_LM["width"]
+    if spec.feature_map == "hedgehog":
+        key_dim = TINY_LM["width"] // TINY_LM["num_heads"]
+        extra += TINY_LM["num_blocks"] * 2 * TINY_LM["num_heads"] * (key_dim + 1) * 5
+    assert parameters == plain + extra
+
+
+TINY_TRAINING = dict(
+    steps=8,
+    evaluations=2,
+    batch_size=4,
+    sequence_length=32,
+    learning_rate=1e-2,
+    redraw_every=2,
+    validation_windows=4,
+    hedgehog_feature_dim=5,
+    max_validation_bytes=20_000,
+    verbose=0,
+    **TINY_LM,
+    **TINY_CORPUS,
+)
+# One variant of each kind: exact (and its conversion), the learnable map, the package's
+# defaults, softmax blocks with the convolution, FAVOR with decay, convolution and RoPE.
+CHAR_LM_TESTED = (
+    "exact",
+    "favor_hedgehog",
+    "favor_default",
+    "exact_conv_nope",
+    "favor_hyperbolic_decay_conv_rope",
+)
+
+
 @pytest.mark.slow
 def test_char_lm(tmp_path):
     result = char_lm.main(
-        steps=8,
-        evaluations=2,
-        batch_size=4,
-        sequence_length=32,
-        learning_rate=1e-2,
-        redraw_every=2,
-        validation_windows=4,
-        convert_steps=3,
-        hedgehog_feature_dim=5,
-        max_validation_bytes=20_000,
-        output_dir=str(tmp_path),
-        verbose=0,
-        **TINY_LM,
-        **TINY_CORPUS,
+        variants=CHAR_LM_TESTED, convert_steps=3, output_dir=str(tmp_path), **TINY_TRAINING
     )
     rows = {row["variant"]: row for row in result["results"]}
-    trained = list(char_lm.VARIANTS)
-    assert list(rows) == trained[:1] + [char_lm.CONVERTED] + trained[1:]
-    for name in trained:
+    assert list(rows) == ["exact", char_lm.CONVERTED, *CHAR_LM_TESTED[1:]]
+    for name in CHAR_LM_TESTED:
         row = rows[name]
         assert finite(row["val_bits_per_byte"] + row["train_bits_per_byte"])
         assert row["train_bits_per_byte"][-1] < row["train_bits_per_byte"][0]
         assert row["steps"] == [4, 8]
-    # Equal budgets: exact attention has exactly the parameters of the random-feature variants;
-    # the learnable map adds its own (per block, query and key: kernel H x F' and bias F' per
-    # head, F' = hedgehog_feature_dim).
-    assert len({rows[name]["parameters"] for name in trained if name != "favor_hedgehog"}) == 1
     key_dim = TINY_LM["width"] // TINY_LM["num_heads"]
     map_parameters = TINY_LM["num_blocks"] * 2 * TINY_LM["num_heads"] * (key_dim + 1) * 5
-    assert rows["favor_hedgehog"]["parameters"] == rows["exact"]["parameters"] + map_parameters
     # The converted exact model: only the maps trained, for `convert_steps` steps.
     converted = rows[char_lm.CONVERTED]
     assert converted["transfer_steps"] == 3 and len(converted["transfer_loss"]) == 1
@@ -234,14 +296,95 @@ def test_char_lm(tmp_path):
     for name in ("results.md", "results.csv", "results.json", "loss_curves.png"):
         assert os.path.getsize(tmp_path / name) > 0
     with open(tmp_path / "results.json") as f:
-        assert len(json.load(f)["results"]) == len(char_lm.VARIANTS) + 1
-    assert "attention-transfer steps" in (tmp_path / "results.md").read_text()
+        assert len(json.load(f)["results"]) == len(CHAR_LM_TESTED) + 1
+    table = (tmp_path / "results.md").read_text()
+    assert "attention-transfer steps" in table
+    for name in CHAR_LM_TESTED:
+        assert f"| `{name}` | {char_lm.VARIANTS[name].description} |" in table
+    exact, default = (rows[n]["validation_bits_per_byte"] for n in ("exact", "favor_default"))
+    assert f"| {default:.3f} | {100 * (default / exact - 1):+.1f} % | — |" in table
     assert (tmp_path / "loss_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
+    # merge=True adds a variant's row to the table, keeps the others (the conversion too, as
+    # `exact` is not retrained) and orders them as VARIANTS.
+    merged = char_lm.main(
+        variants=["favor_relu"],
+        merge=True,
+        convert_steps=3,  # a setting of the table, even if no conversion runs now
+        output_dir=str(tmp_path),
+        **TINY_TRAINING,
+    )
+    assert [row["variant"] for row in merged["results"]] == ["favor_relu"]
+    with open(tmp_path / "results.json") as f:
+        written = json.load(f)
+    names = [row["variant"] for row in written["results"]]
+    assert names == [
+        "exact",
+        char_lm.CONVERTED,
+        "favor_relu",
+        "favor_hedgehog",
+        "favor_default",
+        "exact_conv_nope",
+        "favor_hyperbolic_decay_conv_rope",
+    ]
+    assert written["settings"]["variants"] == [n for n in names if n != char_lm.CONVERTED]
+    assert written["results"][0] == json.loads(json.dumps(rows["exact"]))
+    assert "| `favor_relu` |" in (tmp_path / "results.md").read_text()
 
-def test_char_lm_rejects_unknown_variants(tmp_path):
-    with pytest.raises(ValueError, match="variants"):
-        char_lm.main(variants=["exact", "nope"], output_dir=str(tmp_path))
+
+def test_char_lm_exact_counterparts_have_the_same_extras():
+    counterparts = {name: char_lm.exact_counterpart(name) for name in char_lm.VARIANTS}
+    assert counterparts == {
+        "exact": None,
+        "favor_positive_redraw": "exact",
+        "favor_positive_fixed": "exact",
+        "favor_hyperbolic": "exact",
+        "favor_relu": "exact",
+        "favor_hedgehog": "exact",
+        "favor_default": "exact",
+        "exact_rope": None,
+        "exact_conv_rope": None,
+        "exact_conv_nope": None,
+        "favor_conv_rope": "exact_conv_rope",
+        "favor_decay_conv_nope": "exact_conv_nope",
+        "favor_decay_conv_rope": "exact_conv_rope",
+        "favor_hyperbolic_decay_conv_rope": "exact_conv_rope",
+        "favor_decay256_conv_rope": "exact_conv_rope",
+    }
+
+
+def test_char_lm_merge_refuses_other_settings(tmp_path):
+    settings = {"variants": ["exact"], "steps": 8}
+    (tmp_path / "results.json").write_text(json.dumps({"settings": settings, "results": []}))
+    with pytest.raises(ValueError, match=r"merge=True .*'steps': \(8, 9\)"):
+        char_lm.load_previous(str(tmp_path), {"variants": ["favor_relu"], "steps": 9})
+    assert char_lm.load_previous(str(tmp_path), {"variants": ["favor_relu"], "steps": 8}) == {}
+    assert char_lm.load_previous(str(tmp_path / "missing"), settings) == {}
+
+
+def test_char_lm_merge_rows_replaces_the_conversion_with_exact():
+    old = {name: {"variant": name, "run": "old"} for name in ("favor_relu", "exact")}
+    old[char_lm.CONVERTED] = {"variant": char_lm.CONVERTED, "run": "old"}
+    rows = char_lm.merge_rows(old, [{"variant": "exact", "run": "new"}])
+    assert rows == [{"variant": "exact", "run": "new"}, old["favor_relu"]]
+    rows = char_lm.merge_rows(old, [{"variant": "exact_rope", "run": "new"}])
+    assert [row["variant"] for row in rows] == [
+        "exact",
+        char_lm.CONVERTED,
+        "favor_relu",
+        "exact_rope",
+    ]
+
+
+@pytest.mark.parametrize("variants", [["exact", "nope"], []])
+def test_char_lm_rejects_unknown_variants(tmp_path, variants):
+    with pytest.raises(ValueError, match=r"`variants`.*Received: variants="):
+        char_lm.main(variants=variants, output_dir=str(tmp_path))
+
+
+def test_char_lm_rejects_a_merge_that_is_not_a_bool(tmp_path):
+    with pytest.raises(ValueError, match="Received: merge='yes'"):
+        char_lm.main(variants=["exact"], merge="yes", output_dir=str(tmp_path))
 
 
 # ------------------------------------------------------------------------------------------------
