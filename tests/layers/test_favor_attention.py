@@ -105,6 +105,7 @@ class TestHarness(TestCase):
             attribute_exceptions=ATTRIBUTE_EXCEPTIONS,
         )
 
+    @pytest.mark.heavy
     def test_cross_attention_with_key(self):
         kwargs = dict(num_heads=2, key_dim=4, num_random_features=16, seed=1)
         self.run_layer_test(
@@ -262,6 +263,7 @@ def test_is_a_multi_head_attention_that_overrides_only_the_attention():
     assert "_compute_attention" in vars(FavorAttention)
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("axes", [None, 1, -2, (1,), [1], (-2,)])
 def test_attention_axes_of_the_sequence_axis_are_accepted(axes):
     x = data(2, 6, 8)
@@ -375,6 +377,7 @@ def test_elu_layer_equals_numpy_reference(causal):
     )
 
 
+@pytest.mark.heavy
 def test_elu_layer_cross_attention_with_key_mask():
     layer = FavorAttention(2, 4, feature_map="elu", bias_initializer="random_normal")
     q, v, k = data(2, 3, 6), data(2, 8, 5, seed=1), data(2, 8, 7, seed=2)
@@ -401,6 +404,7 @@ def _mha_and_favor(num_random_features, seed, **kwargs):
     return mha, favor, x, y
 
 
+@pytest.mark.heavy
 def test_weights_have_multi_head_attention_structure():
     kwargs = dict(num_heads=3, key_dim=4, value_dim=5, output_shape=(2, 3))
     mha, favor, _, _ = _mha_and_favor(8, 0, **kwargs)
@@ -434,6 +438,7 @@ def test_multi_head_attention_weights_load_and_outputs_converge():
     assert errors[2048] < errors[16] / 3, errors
 
 
+@pytest.mark.heavy
 def test_trained_multi_head_attention_swap():
     """The paper's backward compatibility: train with MHA, swap in FAVOR+ with the same weights,
     the loss stays near MHA's (far below an untrained model's)."""
@@ -467,6 +472,7 @@ def test_trained_multi_head_attention_swap():
 # Masks.
 
 
+@pytest.mark.heavy
 def test_implicit_mask_equals_key_mask_equals_truncation():
     tokens = np.array([[3, 1, 4, 1, 5, 0, 0], [2, 7, 1, 8, 2, 8, 1]])
     embedding = keras.layers.Embedding(10, 8, mask_zero=True)

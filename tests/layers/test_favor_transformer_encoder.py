@@ -75,6 +75,7 @@ class TestHarness(TestCase):
         )
 
 
+@pytest.mark.heavy
 def test_feature_map_is_stored_as_instance_and_passed_through():
     encoder = FavorTransformerEncoder(**ALL_ARGUMENTS)
     encoder.build((None, None, 8))

@@ -34,6 +34,7 @@ def attention_pair(policy, **kwargs):
     return layer, twin, x
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("policy", ["mixed_bfloat16", "mixed_float16"])
 def test_policy_error_against_exact_is_at_most_float32s(policy, causal):
@@ -52,6 +53,7 @@ def test_policy_error_against_exact_is_at_most_float32s(policy, causal):
     assert np.mean(ratios) <= 1.1, ratios
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
 def test_large_inputs_stay_finite_and_close_to_float32(policy):
     # Input scale 4: the regime where float16 key features overflowed when computed in float16.
