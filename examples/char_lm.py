@@ -37,6 +37,8 @@ FAVOR only: softmax attention has no state to decay), and rotary positions (``ro
 - ``favor_conv_rope``: FAVOR+ positive features, redrawn, conv, RoPE.
 - ``favor_decay_conv_nope``: the quickstart's model: FAVOR+ positive, redrawn, decay 16-64,
   conv, NoPE.
+- ``favor_decay_conv_nope_fixed``, ``favor_hyperbolic_decay_conv_nope_fixed``: the same with
+  features never redrawn (positive or hyperbolic).
 - ``favor_decay_conv_rope``, ``favor_decay256_conv_rope``: decay 16-64 or 16-256, conv, RoPE.
 - ``favor_hyperbolic_decay_conv_rope``: hyperbolic features, decay 16-64, conv, RoPE.
 
@@ -153,6 +155,19 @@ VARIANTS = {
     "favor_decay_conv_nope": Variant(
         "FAVOR+ positive, redrawn, decay 16-64, conv 4, NoPE (the quickstart's)",
         redraw=True,
+        positions=None,
+        decay_reaches=QUICKSTART_REACHES,
+        causal_conv_kernel_size=4,
+    ),
+    "favor_decay_conv_nope_fixed": Variant(
+        "FAVOR+ positive, never redrawn, decay 16-64, conv 4, NoPE",
+        positions=None,
+        decay_reaches=QUICKSTART_REACHES,
+        causal_conv_kernel_size=4,
+    ),
+    "favor_hyperbolic_decay_conv_nope_fixed": Variant(
+        "FAVOR+ hyperbolic (2M), never redrawn, decay 16-64, conv 4, NoPE",
+        feature_map="softmax_hyperbolic",
         positions=None,
         decay_reaches=QUICKSTART_REACHES,
         causal_conv_kernel_size=4,

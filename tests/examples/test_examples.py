@@ -347,6 +347,8 @@ def test_char_lm_exact_counterparts_have_the_same_extras():
         "exact_conv_nope": None,
         "favor_conv_rope": "exact_conv_rope",
         "favor_decay_conv_nope": "exact_conv_nope",
+        "favor_decay_conv_nope_fixed": "exact_conv_nope",
+        "favor_hyperbolic_decay_conv_nope_fixed": "exact_conv_nope",
         "favor_decay_conv_rope": "exact_conv_rope",
         "favor_hyperbolic_decay_conv_rope": "exact_conv_rope",
         "favor_decay256_conv_rope": "exact_conv_rope",
