@@ -46,6 +46,7 @@ def pytest_configure(config):
     config.addinivalue_line(
         "markers",
         "heavy: compiles large graphs (the harness with every argument, quantization, training "
-        "to convergence), 6-26 s each on the JAX backend; CI runs it on the TensorFlow pass and "
-        "its JAX pass deselects it (-m 'not heavy'), where lighter tests of the same layer run",
+        "to convergence; 6-26 s each on the JAX backend), or checks plumbing that lighter tests "
+        "of the same path already run on JAX; CI runs it on the TensorFlow pass and its JAX pass "
+        "deselects it (-m 'not heavy')",
     )

@@ -43,11 +43,16 @@ def checkpoint():
 
 @pytest.mark.slow
 def test_main_on_a_handful_of_sentences():
+    # One run of everything `main` does: the exact check, the FAVOR swap, a distillation epoch,
+    # and the learnable map (to_favor + attention transfer of the maps only, then distillation).
     results = cp.main(
         num_sentences=8,
         num_random_features=64,
         finetune_epochs=1,
         holdout_fraction=0.25,
+        transfer_epochs=2,
+        transfer_batch_size=3,
+        transfer_finetune_epochs=1,
         batch_size=3,
         verbose=0,
     )
@@ -65,20 +70,6 @@ def test_main_on_a_handful_of_sentences():
     assert finetune["features"] == "fixed"
     assert all(math.isfinite(v) for v in finetune["train_loss"])
     assert math.isfinite(finetune["heldout_after"]["mean_cosine"])
-
-
-def test_main_with_attention_transfer():
-    # The learnable map: to_favor + attention transfer (maps only) on 6 sentences, 2 held out,
-    # then a distillation epoch.
-    results = cp.main(
-        num_sentences=8,
-        num_random_features=16,
-        transfer_epochs=2,
-        transfer_batch_size=3,
-        transfer_finetune_epochs=1,
-        batch_size=3,
-        verbose=0,
-    )
     transfer = results["transfer"]
     assert transfer["train_sentences"] == 6 and transfer["heldout_sentences"] == 2
     assert transfer["feature_map"] == "hedgehog" and len(transfer["train_loss"]) == 2

@@ -86,6 +86,7 @@ class TestHarness(TestCase):
             run_training_check=attention_type == "favor",
         )
 
+    @pytest.mark.heavy
     def test_defaults_with_masks(self):
         self.run_layer_test(
             FavorTransformerDecoder,
@@ -188,7 +189,7 @@ def test_step_with_cross_attention_and_padding_equals_call():
         np.testing.assert_allclose(to_numpy(out)[real], full[real, t], atol=1e-5)
 
 
-@pytest.mark.parametrize("normalize_first", [False, True])
+@pytest.mark.parametrize("normalize_first", [pytest.param(False, marks=pytest.mark.heavy), True])
 def test_encoder_padding_equals_truncation(normalize_first):
     decoder = FavorTransformerDecoder(**SMALL, normalize_first=normalize_first)
     x, encoder = data(2, 5, 8), data(2, 7, 6, seed=1)
@@ -396,6 +397,7 @@ def test_softmax_block_equals_numpy_causal_softmax_attention(kwargs, cross):
     np.testing.assert_allclose(out[real], expected[real], atol=2e-5)
 
 
+@pytest.mark.heavy
 def test_softmax_block_has_no_causal_leak():
     model = decoder_stack_model(attention_type="softmax")
     rng = np.random.default_rng(0)
@@ -408,6 +410,7 @@ def test_softmax_block_has_no_causal_leak():
     assert np.abs(changed_out[:, 5:] - out[:, 5:]).max() > 1e-3
 
 
+@pytest.mark.heavy
 def test_softmax_block_cannot_stream():
     decoder = FavorTransformerDecoder(**SMALL, attention_type="softmax")
     x = data(1, 3, 8)
@@ -462,6 +465,7 @@ def test_decay_and_conv_step_equals_call(kwargs):
     assert shapes[2:] == ([] if conv is None else [(2, conv - 1, 8)])
 
 
+@pytest.mark.heavy
 def test_conv_starts_as_the_identity():
     x = data(2, 7, 8)
     plain = FavorTransformerDecoder(**SMALL)

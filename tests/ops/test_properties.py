@@ -122,7 +122,7 @@ def problems(draw, causal, padded=False, cases=CASES, long_sequences=True):
 
 
 @pytest.mark.parametrize("causal", [True, False])
-@properties.examples(10)
+@properties.examples(10, jax=5)
 @given(data=st.data())
 def test_equals_the_masked_quadratic_form(causal, data):
     problem = data.draw(problems(causal), label="problem")
@@ -137,7 +137,7 @@ def test_equals_the_masked_quadratic_form(causal, data):
 
 
 @pytest.mark.parametrize("causal", [True, False])
-@properties.examples(8)
+@properties.examples(8, jax=4)
 @given(data=st.data())
 def test_key_padding_equals_truncation(causal, data):
     # Padded positions hold other data (up to 1e4: features that overflow, or dominate every
@@ -174,7 +174,7 @@ def test_key_padding_equals_truncation(causal, data):
 # Decoding steps equal the causal op.
 
 
-@properties.examples(8)
+@properties.examples(8, jax=4)
 @given(problem=problems(causal=True, long_sequences=False))
 def test_steps_equal_the_causal_op(problem):
     q, k, v, w = problem.tensors()
@@ -202,7 +202,7 @@ def test_steps_equal_the_causal_op(problem):
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
-@properties.examples(6)
+@properties.examples(6, jax=3)
 @given(data=st.data())
 def test_half_precision_inputs_give_finite_outputs(dtype, data):
     # Inputs with entries uniform in [-a, a], a up to 30: beyond the activations of trained
