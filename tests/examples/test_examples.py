@@ -13,7 +13,7 @@ import keras
 import numpy as np
 import pytest
 
-from examples import char_lm, data, long_classification
+from examples import char_lm, data, long_classification, long_recall
 from keras_favor import feature_maps, ops
 from keras_favor.layers import FavorTransformerDecoder
 
@@ -455,6 +455,125 @@ def test_long_classification(tmp_path):
     assert result["settings"]["padded_length"] == 63
     for name in ("results.md", "results.csv", "results.json"):
         assert os.path.getsize(tmp_path / name) > 0
+
+
+# ------------------------------------------------------------------------------------------------
+# examples/long_recall.py
+
+
+def test_recall_task_layout():
+    task = long_recall.Task(num_pairs=4, num_queries=3, num_keys=6, num_values=5, num_noise=7)
+    assert task.vocabulary_size == 18 and task.chance == pytest.approx(1 / 5)
+    inputs, targets = task.sample(np.random.default_rng(0), 20, gap=9)
+    assert inputs.shape == (20, task.length(9)) == (20, 8 + 9 + 3) and targets.shape == (20, 3)
+    for x, y in zip(inputs, targets):
+        keys, values = x[0:8:2], x[1:8:2] - 6
+        assert (
+            len(set(keys)) == 4 and (keys < 6).all() and (values >= 0).all() and (values < 5).all()
+        )
+        assert ((x[8:17] >= 11) & (x[8:17] < 18)).all()  # the gap is noise only
+        queries = x[17:]
+        assert len(set(queries)) == 3 and set(queries) <= set(keys)
+        answers = {int(k): int(v) for k, v in zip(keys, values)}
+        assert [answers[int(q)] for q in queries] == list(y)
+        # The answer to every query lies at least gap + 1 positions back.
+        for offset, query in enumerate(queries):
+            stored = 2 * list(keys).index(query) + 1
+            assert 17 + offset - stored >= task.min_distance(9) == 10
+    again, _ = task.sample(np.random.default_rng(0), 20, gap=9)
+    np.testing.assert_array_equal(inputs, again)
+    with pytest.raises(ValueError, match="num_queries"):
+        long_recall.Task(num_pairs=2, num_queries=3)
+    with pytest.raises(ValueError, match="num_pairs"):
+        long_recall.Task(num_pairs=9, num_keys=8)
+
+
+def test_recall_batches_cycle_the_gaps_with_new_draws_per_epoch_and_stream():
+    task = long_recall.Task(num_pairs=2, num_queries=2, num_keys=4, num_values=4, num_noise=4)
+    batches = long_recall.Batches(task, 3, 2, gaps=(8, 16), seed=1)
+    assert [batches[i][0].shape[1] for i in range(3)] == [task.length(g) for g in (8, 16, 8)]
+    first = batches[0][0]
+    np.testing.assert_array_equal(batches[0][0], first)  # the same batch on a second read
+    batches.on_epoch_end()
+    assert not np.array_equal(batches[0][0], first)
+    other = long_recall.Batches(task, 3, 2, gaps=(8, 16), seed=1, stream=1)
+    assert not np.array_equal(other[0][0], first)
+
+
+@pytest.mark.parametrize("variant", long_recall.VARIANTS)
+def test_recall_model_reads_the_query_positions(variant):
+    task = long_recall.Task(num_pairs=4, num_queries=3, num_keys=6, num_values=5, num_noise=7)
+    model = long_recall.build_model(
+        variant,
+        task,
+        width=8,
+        num_heads=2,
+        num_blocks=1,
+        intermediate_dim=8,
+        num_random_features=8,
+    )
+    inputs, _ = task.sample(np.random.default_rng(0), 2, gap=20)
+    logits = np.asarray(model(inputs))
+    assert logits.shape == (2, 3, 5)
+    # Causal: changing the last query changes only its own answer.
+    changed = inputs.copy()
+    changed[:, -1] = (changed[:, -1] + 1) % 6
+    other = np.asarray(model(changed))
+    np.testing.assert_allclose(other[:, :2], logits[:, :2], rtol=1e-5, atol=1e-6)
+    assert np.abs(other[:, 2] - logits[:, 2]).max() > 0
+
+
+def test_long_recall(tmp_path):
+    result = long_recall.main(
+        num_pairs=4,
+        num_queries=4,
+        num_keys=8,
+        num_values=8,
+        num_noise=8,
+        train_gaps=(0, 4),
+        first_epoch_gaps=(0, 2),
+        eval_gaps=(4, 40),
+        exact_max_gap=4,
+        steps=6,
+        epochs=2,
+        batch_size=8,
+        width=16,
+        num_heads=2,
+        num_blocks=1,
+        intermediate_dim=16,
+        num_random_features=8,
+        causal_chunk_size=16,
+        learning_rate=1e-2,
+        redraw_every=2,
+        eval_sequences=8,
+        output_dir=str(tmp_path),
+        verbose=0,
+    )
+    rows = {row["variant"]: row for row in result["results"]}
+    assert list(rows) == ["favor", "exact"]
+    for row in rows.values():
+        # Two epochs, the first on `first_epoch_gaps`, in two `fit` calls: one history.
+        assert 0.0 <= row["accuracy_gap_4"] <= 1.0 and len(row["validation_accuracy"]) == 2
+        assert finite(row["loss"]) and row["loss"][-1] < row["loss"][0]
+    assert 0.0 <= rows["favor"]["accuracy_gap_40"] <= 1.0
+    assert rows["favor"]["inference_seconds_gap_40"] > 0
+    # Exact attention stops at exact_max_gap: not run beyond it.
+    assert rows["exact"]["accuracy_gap_40"] is None
+    assert rows["exact"]["inference_seconds_gap_40"] is None
+    assert rows["favor"]["parameters"] == rows["exact"]["parameters"]
+    assert result["settings"]["chance"] == pytest.approx(1 / 8)
+    # 6 steps, a redraw every 2 (before steps 2 and 4), in the FAVOR model's one attention layer.
+    assert rows["favor"]["redraw_counts"] == [2] and rows["exact"]["redraw_counts"] == []
+    assert result["settings"]["lengths"] == [16, 52]
+    assert result["settings"]["first_epoch_gaps"] == [0, 2]
+    for name in ("results.md", "results.csv", "results.json"):
+        assert os.path.getsize(tmp_path / name) > 0
+    assert "| exact | " in (tmp_path / "results.md").read_text()
+
+
+def test_long_recall_rejects_unknown_variants(tmp_path):
+    with pytest.raises(ValueError, match="variants"):
+        long_recall.main(variants=["favor", "nope"], output_dir=str(tmp_path))
 
 
 # ------------------------------------------------------------------------------------------------
