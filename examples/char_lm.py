@@ -33,6 +33,8 @@ FAVOR only: softmax attention has no state to decay), and rotary positions (``ro
 (``nope``). The softmax variants with these options are `FavorTransformerDecoder` blocks with
 `attention_type="softmax"`, so that exact and FAVOR attention get the same extras:
 
+- ``favor_default_conv``: ``favor_default`` plus the convolution (sine positions): what the
+  blocks' defaults would give with a convolution of kernel 4 by default.
 - ``exact_rope``, ``exact_conv_rope``, ``exact_conv_nope``: exact softmax attention.
 - ``favor_conv_rope``: FAVOR+ positive features, redrawn, conv, RoPE.
 - ``favor_decay_conv_nope``: the quickstart's model: FAVOR+ positive, redrawn, decay 16-64,
@@ -128,6 +130,11 @@ VARIANTS = {
     "favor_default": Variant(
         "`FavorTransformerDecoder` defaults: FAVOR+ positive, M = 256, never redrawn",
         package_defaults=True,
+    ),
+    "favor_default_conv": Variant(
+        "`FavorTransformerDecoder` defaults plus causal conv 4",
+        package_defaults=True,
+        causal_conv_kernel_size=4,
     ),
     "exact_rope": Variant(
         "exact softmax, RoPE", attention="softmax", feature_map=None, positions="rotary"

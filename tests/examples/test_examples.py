@@ -334,6 +334,7 @@ def test_char_lm_exact_counterparts_have_the_same_extras():
         "favor_relu": "exact",
         "favor_hedgehog": "exact",
         "favor_default": "exact",
+        "favor_default_conv": None,
         "exact_rope": None,
         "exact_conv_rope": None,
         "exact_conv_nope": None,
