@@ -82,6 +82,7 @@ def build_model(attention_type, seed=0):
             NUM_HEADS,
             num_random_features=NUM_RANDOM_FEATURES,
             causal_chunk_size=CHUNK,
+            causal_conv_kernel_size=None,  # the plain block: the same layers as softmax's
             attention_type=attention_type,
             seed=seed + i,
             name=f"decoder_{i}",

@@ -23,8 +23,9 @@ variants add sinusoidal positions to the token embeddings:
 - ``favor_hedgehog``: the learnable Hedgehog feature map (`feature_map="hedgehog"`), trained
   from scratch with the rest of the model.
 - ``favor_default``: `FavorTransformerDecoder` with its own defaults for every attention option
-  (FAVOR+ positive features, M = 256 whatever `num_random_features` says, no decay, no
-  convolution, no RoPE), never redrawn: what a user gets without choosing.
+  (FAVOR+ positive features, M = 256 whatever `num_random_features` says, a causal
+  convolution of kernel 4, no decay, no RoPE), never redrawn: what a user gets without choosing.
+- ``favor_default_noconv``: the same with `causal_conv_kernel_size=None`.
 
 The others use the decoder's long-context options (see `examples/quickstart.py`): a causal
 depthwise convolution of kernel 4 before the attention (``conv``), a per-head decay of the causal
@@ -33,8 +34,6 @@ FAVOR only: softmax attention has no state to decay), and rotary positions (``ro
 (``nope``). The softmax variants with these options are `FavorTransformerDecoder` blocks with
 `attention_type="softmax"`, so that exact and FAVOR attention get the same extras:
 
-- ``favor_default_conv``: ``favor_default`` plus the convolution (sine positions): what the
-  blocks' defaults would give with a convolution of kernel 4 by default.
 - ``exact_rope``, ``exact_conv_rope``, ``exact_conv_nope``: exact softmax attention.
 - ``favor_conv_rope``: FAVOR+ positive features, redrawn, conv, RoPE.
 - ``favor_decay_conv_nope``: the quickstart's model: FAVOR+ positive, redrawn, decay 16-64,
@@ -128,13 +127,13 @@ VARIANTS = {
         "learnable Hedgehog map, trained from scratch", feature_map="hedgehog"
     ),
     "favor_default": Variant(
-        "`FavorTransformerDecoder` defaults: FAVOR+ positive, M = 256, never redrawn",
-        package_defaults=True,
-    ),
-    "favor_default_conv": Variant(
-        "`FavorTransformerDecoder` defaults plus causal conv 4",
+        "`FavorTransformerDecoder` defaults: FAVOR+ positive, M = 256, never redrawn, conv 4",
         package_defaults=True,
         causal_conv_kernel_size=4,
+    ),
+    "favor_default_noconv": Variant(
+        "`FavorTransformerDecoder` defaults without the convolution",
+        package_defaults=True,
     ),
     "exact_rope": Variant(
         "exact softmax, RoPE", attention="softmax", feature_map=None, positions="rotary"
@@ -248,8 +247,7 @@ def build_model(
         )
     if spec.decay_reaches:
         options["decay"] = decay_rates(num_heads, *spec.decay_reaches)
-    if spec.causal_conv_kernel_size:
-        options["causal_conv_kernel_size"] = spec.causal_conv_kernel_size
+    options["causal_conv_kernel_size"] = spec.causal_conv_kernel_size
     if spec.positions == "rotary":
         options["use_rotary_embedding"] = True
     for i in range(num_blocks):

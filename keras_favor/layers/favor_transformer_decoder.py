@@ -54,9 +54,9 @@ class FavorTransformerDecoder(FavorBlockBase):
             None (default), `"retnet"`, one number in (0, 1] or a list of `num_heads` of them.
             Needs `attention_type="favor"`; calling the block with `use_causal_mask=False`
             raises a ValueError.
-        causal_conv_kernel_size: None (default) or an int k ≥ 2: a causal depthwise convolution
-            over the last k positions (per channel, with a bias; it starts as the identity)
-            mixes the self-attention's input before the query, key and value projections, which
+        causal_conv_kernel_size: an int k ≥ 2 (default 4), or None for no convolution: a
+            causal depthwise convolution over the last k positions (per channel, with a bias;
+            it starts as the identity) mixes the self-attention's input before the query, key and value projections, which
             gives the block local order without absolute positions. Padded positions enter it
             as zeros (left and right padding equal truncation). Streaming keeps the last k − 1
             inputs in the state.
@@ -101,7 +101,7 @@ class FavorTransformerDecoder(FavorBlockBase):
         Su et al., RoFormer (rotary position embeddings), arXiv 2104.09864.
     """
 
-    def __init__(self, *args, decay=None, causal_conv_kernel_size=None, **kwargs):
+    def __init__(self, *args, decay=None, causal_conv_kernel_size=4, **kwargs):
         # Every other argument is the shared block's (`FavorBlockBase`), in its order.
         super().__init__(*args, **kwargs)
         head_decay(decay, self.num_heads)
@@ -121,6 +121,11 @@ class FavorTransformerDecoder(FavorBlockBase):
             "decay": self.decay,
             "causal_conv_kernel_size": self.causal_conv_kernel_size,
         }
+
+    @classmethod
+    def from_config(cls, config):
+        # Configs saved before the convolution existed have no such key: their blocks had none.
+        return super().from_config({"causal_conv_kernel_size": None, **config})
 
     def build(self, decoder_sequence_shape, encoder_sequence_shape=None):
         decoder_sequence_shape = tuple(decoder_sequence_shape)

@@ -192,7 +192,7 @@ def initial_decode_state(model, batch_size):
     ... ])
     >>> state = initial_decode_state(model, batch_size=2)
     >>> [tuple(t.shape) for t in state[0]]
-    [(2, 2, 16, 4), (2, 2, 16)]
+    [(2, 2, 16, 4), (2, 2, 16), (2, 3, 8)]
     """
     return [block.get_initial_state(batch_size) for block in _blocks(decode_plan(model))]
 

@@ -227,6 +227,8 @@ def test_char_lm_builds_each_variant_with_its_options(variant):
             defaults = FavorTransformerDecoder(intermediate_dim=8, num_heads=2).get_config()
             for key in ("feature_map", "num_random_features", "orthogonal", "row_norms"):
                 assert config[key] == defaults[key]
+            if variant == "favor_default":  # the convolution too
+                assert config["causal_conv_kernel_size"] == defaults["causal_conv_kernel_size"]
             assert config["num_random_features"] != TINY_LM["num_random_features"]
         elif spec.attention == "favor":
             assert config["num_random_features"] == TINY_LM["num_random_features"]
@@ -333,8 +335,8 @@ def test_char_lm_exact_counterparts_have_the_same_extras():
         "favor_hyperbolic": "exact",
         "favor_relu": "exact",
         "favor_hedgehog": "exact",
-        "favor_default": "exact",
-        "favor_default_conv": None,
+        "favor_default": None,  # sine positions and conv 4: no exact variant has both
+        "favor_default_noconv": "exact",
         "exact_rope": None,
         "exact_conv_rope": None,
         "exact_conv_nope": None,

@@ -72,7 +72,8 @@ def test_layout_and_signatures(lm_export):
     assert saved_model_signature_names(lm_export) == DECODER_SIGNATURES
     defs = _signature_defs(lm_export)
     f32, i32 = 1, 3  # DataType enum
-    state_shapes = [[-1, 2, 16, 8], [-1, 2, 16]] * 2  # (S, z) per block: N=2, M=16, D=8
+    # (S, z, the convolution's last k - 1 = 3 inputs) per block: N=2, M=16, D=8, width 16.
+    state_shapes = [[-1, 2, 16, 8], [-1, 2, 16], [-1, 3, 16]] * 2
     states = {f"state_{i}": (f32, shape) for i, shape in enumerate(state_shapes)}
     assert _io(defs["serving_default"]) == (
         {"token_ids": (i32, [-1, -1])},  # dynamic batch and length

@@ -94,7 +94,7 @@ def test_language_model_full_and_decode_step(lm, lm_tflite):
     runner = export.TFLiteRunner(lm_tflite)
     assert runner.signature_names == ["decode_step", "initial_state", "serving_default"]
     inputs, outputs = runner.signature("decode_step")
-    states = ["state_0", "state_1", "state_2", "state_3"]
+    states = [f"state_{i}" for i in range(6)]  # (S, z, conv inputs) per block
     assert sorted(inputs) == ["position"] + states + ["token_ids"]
     assert sorted(outputs) == ["logits"] + states
     ids = random_ids(2, 9, seed=3)

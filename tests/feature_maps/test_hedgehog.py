@@ -275,7 +275,8 @@ def test_decoder_block_save_load_and_streaming_with_hedgehog():
     np.testing.assert_array_equal(to_numpy(loaded(ids)), to_numpy(model(ids)))
     decoder = loaded.layers[2]
     assert type(decoder._self_attention_layer.feature_map) is Hedgehog
-    assert len(decoder.trainable_weights) == 4 + 8 + 4 + 4  # LNs, projections, map, FFN
+    # LNs, projections, map, FFN, the default convolution's kernel and bias.
+    assert len(decoder.trainable_weights) == 4 + 8 + 4 + 4 + 2
     # Streaming decode of the loaded model, position by position, equals its full forward.
     full = to_numpy(loaded(ids))
     state = initial_decode_state(loaded, 2)

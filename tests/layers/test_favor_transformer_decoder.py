@@ -164,6 +164,7 @@ def test_step_equals_call(kwargs):
     assert shapes == [
         (2, 2, decoder._self_attention_layer.feature_map.output_dim(4, 16), 4),
         (2, 2, decoder._self_attention_layer.feature_map.output_dim(4, 16)),
+        (2, 3, 8),  # the default convolution's last k - 1 = 3 inputs
     ]
 
 
@@ -461,7 +462,7 @@ def test_decay_and_conv_step_equals_call(kwargs):
         out, state = decoder.step(x[:, t], state, position=t)
         np.testing.assert_allclose(to_numpy(out), full[:, t], atol=1e-5, rtol=0)
         assert [tuple(s.shape) for s in state] == shapes  # fixed size
-    conv = kwargs.get("causal_conv_kernel_size")
+    conv = kwargs.get("causal_conv_kernel_size", 4)  # 4: the default
     assert shapes[2:] == ([] if conv is None else [(2, conv - 1, 8)])
 
 
@@ -511,3 +512,20 @@ def test_step_refuses_a_state_without_the_conv_buffer():
     state = decoder.get_initial_state(2)
     with pytest.raises(ValueError, match=r"`state`.*3 arrays.*Received: a state of 2 arrays"):
         decoder.step(x[:, 0], state[:2])
+
+
+def test_convolution_by_default_and_configs_saved_without_it_load_without_it():
+    decoder = FavorTransformerDecoder(**SMALL)
+    config = decoder.get_config()
+    assert config["causal_conv_kernel_size"] == 4
+    assert FavorTransformerDecoder.from_config(config).causal_conv_kernel_size == 4
+    # A config written before the option existed describes a block without a convolution.
+    older = {k: v for k, v in config.items() if k != "causal_conv_kernel_size"}
+    loaded = FavorTransformerDecoder.from_config(older)
+    assert loaded.causal_conv_kernel_size is None
+    loaded.build((2, 5, 8))
+    assert not any("causal_conv" in w.path for w in loaded.weights)
+    assert (
+        FavorTransformerDecoder(**SMALL, causal_conv_kernel_size=None).causal_conv_kernel_size
+        is None
+    )

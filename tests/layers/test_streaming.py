@@ -80,18 +80,19 @@ def test_decode_equals_full_forward_at_every_position(kwargs):
     np.testing.assert_allclose(decoded, full, atol=1e-5)
     assert len(state) == kwargs.get("num_layers", 2)
     fresh = initial_decode_state(model, 3)
-    for (s, z), (s0, z0) in zip(state, fresh):  # the state does not grow with the context
-        assert s.shape == s0.shape and z.shape == z0.shape
-        assert s.dtype == "float32" and z.dtype == "float32"
+    for block_state, block_fresh in zip(state, fresh):  # the state does not grow with the context
+        assert [t.shape for t in block_state] == [t.shape for t in block_fresh]
+        assert all(t.dtype == "float32" for t in block_state)
 
 
 def test_state_structure():
     model = language_model(num_layers=3)
     state = initial_decode_state(model, 5)
     assert isinstance(state, list) and len(state) == 3
-    for s, z in state:
+    for s, z, inputs in state:  # (S, z) and the convolution's last k - 1 = 3 inputs
         assert tuple(s.shape) == (5, 2, 16, 4) and tuple(z.shape) == (5, 2, 16)
-        assert not np.any(to_numpy(s)) and not np.any(to_numpy(z))
+        assert tuple(inputs.shape) == (5, 3, WIDTH)
+        assert not np.any(to_numpy(s)) and not np.any(to_numpy(z)) and not np.any(to_numpy(inputs))
 
 
 def test_sequential_and_list_of_layers():
