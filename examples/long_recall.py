@@ -389,15 +389,16 @@ def main(
             callbacks.append(RedrawRandomFeatures(every_n_steps=redraw_every, seed=seed))
         # The first epoch on `first_epoch_gaps` (when given), the others on `train_gaps`: two
         # `fit` calls of one schedule (the learning rate and redraws follow the optimizer's step).
-        phases = [(first_epoch_gaps, 1), (train_gaps, epochs)] if first_epoch_gaps else []
-        phases = phases or [(train_gaps, epochs)]
-        history = {}
+        phases = [(train_gaps, epochs)]
+        if first_epoch_gaps:
+            phases.insert(0, (first_epoch_gaps, 1))
+        history, done = {}, 0
         for stream, (gaps, until) in enumerate(phases):
-            if until <= (phases[stream - 1][1] if stream else 0):
+            if until <= done:
                 continue  # a single epoch: the first one only
             fitted = model.fit(
                 Batches(task, steps_per_epoch, batch_size, gaps, seed, stream),
-                initial_epoch=phases[stream - 1][1] if stream else 0,
+                initial_epoch=done,
                 epochs=until,
                 callbacks=callbacks,
                 validation_data=validation,
@@ -406,6 +407,7 @@ def main(
             )
             for name, values in fitted.history.items():
                 history.setdefault(name, []).extend(values)
+            done = until
         seconds = time.perf_counter() - begin
         row = {
             "variant": variant,
