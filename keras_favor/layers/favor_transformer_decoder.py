@@ -56,10 +56,11 @@ class FavorTransformerDecoder(FavorBlockBase):
             raises a ValueError.
         causal_conv_kernel_size: an int k ≥ 2 (default 4), or None for no convolution: a
             causal depthwise convolution over the last k positions (per channel, with a bias;
-            it starts as the identity) mixes the self-attention's input before the query, key and value projections, which
-            gives the block local order without absolute positions. Padded positions enter it
-            as zeros (left and right padding equal truncation). Streaming keeps the last k − 1
-            inputs in the state.
+            it starts as the identity) mixes the self-attention's input before the query, key
+            and value projections, which gives the block local order without absolute
+            positions. Padded positions enter it as zeros (left and right padding equal
+            truncation). Streaming keeps the last k − 1 inputs in the state. Configs saved
+            without this key (earlier versions) load as blocks without a convolution.
         **kwargs: standard `keras.layers.Layer` arguments (`name`, `dtype`, ...).
 
     Call arguments:
