@@ -208,6 +208,29 @@ def child_trial_main(spec_json, run):
         json.dump(result, f)
 
 
+def status_gib(field):
+    """A memory field of /proc/self/status (VmRSS: now, VmHWM: peak since exec, VmPeak: peak
+    address space) in GiB, or None where the file or the field is missing."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return None
+
+
+def ratio(a, b):
+    """a / b, or None when either is missing (or b is 0)."""
+    return a / b if a is not None and b else None
+
+
+def fmt(value, spec, missing="-"):
+    """`format(value, spec)`, or `missing` for None: a table cell."""
+    return missing if value is None else format(value, spec)
+
+
 def run_in_capped_child(script, spec, *, memory_limit_gb, timeout_s, env=None, poll_s=0.1):
     """Runs `python script --_trial JSON` (the script calls `child_trial_main` on it) in a new
     process group whose address space is capped at `memory_limit_gb` (None or 0: no cap).
@@ -215,7 +238,9 @@ def run_in_capped_child(script, spec, *, memory_limit_gb, timeout_s, env=None, p
     Returns the child's result dict, or {"ok": False, "failure": "timeout" | "oom" | "crash",
     "message": stderr tail} when it wrote none, plus "exit_code" and "wait4_maxrss_gib": the
     child's peak RSS from `wait4`, which is known even for a child killed by running out of
-    memory (the parent is small when it forks, so the figure is the child's own).
+    memory (the parent is small when it forks, so the figure is the child's own), and
+    "peak_rss_gib": the child's own high-water mark where its result reports one
+    ("hwm_rss_gib", from `status_gib("VmHWM")`), else the `wait4` figure.
     """
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "result.json")
@@ -258,4 +283,5 @@ def run_in_capped_child(script, spec, *, memory_limit_gb, timeout_s, env=None, p
             result = {"ok": False, "failure": failure, "message": stderr_tail[-500:]}
     result["exit_code"] = exit_code
     result["wait4_maxrss_gib"] = usage.ru_maxrss * 1024 / GIB  # ru_maxrss is in KiB on Linux
+    result["peak_rss_gib"] = result.get("hwm_rss_gib") or result["wait4_maxrss_gib"]
     return result

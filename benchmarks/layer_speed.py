@@ -184,7 +184,6 @@ def trial(
         env={"KERAS_BACKEND": "tensorflow"},
         poll_s=0.2,
     )
-    result["peak_rss_gib"] = result["wait4_maxrss_gib"]
     result.update(layer=layer_kind, length=length, causal=causal, xla=xla, policy=policy)
     return result
 

@@ -57,10 +57,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.common import (  # noqa: E402
     child_trial_main,
+    fmt,
     looks_like_oom,
     memory_gib,
+    ratio,
     run_in_capped_child,
     run_info,
+    status_gib,
     time_interleaved,
     write_json,
 )
@@ -259,18 +262,6 @@ def convert_trial(directory, check_length):
 # Trials (child processes).
 
 
-def _status_gib(field):
-    """A memory field of /proc/self/status (VmRSS: now, VmHWM: peak since exec) in GiB."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) / 2**20
-    except OSError:
-        pass
-    return None
-
-
 def _signature_runner(runtime, path, threads):
     """`run(signature, inputs) -> outputs` on a loaded model: the TF C API session (TF Serving's
     loader) or a LiteRT interpreter (one signature runner per signature, made once)."""
@@ -321,7 +312,7 @@ def forward_trial(runtime, paths, length, threads, time_budget_s, max_repeats, s
     """
     import numpy as np
 
-    base_rss = _status_gib("VmRSS")
+    base_rss = status_gib("VmRSS")
     ids = np.random.default_rng(seed).integers(1, VOCAB, (1, length)).astype(np.int32)
     results, calls, first = {}, {}, {}
     for name, path in paths.items():
@@ -354,7 +345,7 @@ def forward_trial(runtime, paths, length, threads, time_budget_s, max_repeats, s
         "models": results,
         "repeats": repeats,
         "base_rss_gib": base_rss,
-        "hwm_rss_gib": _status_gib("VmHWM"),
+        "hwm_rss_gib": status_gib("VmHWM"),
     }
 
 
@@ -409,7 +400,7 @@ def decode_trial(runtime, paths, context, threads, repeats, steps_per_call, seed
             "step_cpu_s": timing["cpu_min_s"] / steps_per_call,
             "times_s": timing["times_s"],
         }
-    return {"ok": True, "models": results, "hwm_rss_gib": _status_gib("VmHWM")}
+    return {"ok": True, "models": results, "hwm_rss_gib": status_gib("VmHWM")}
 
 
 def _run_trial(kind, **spec):
@@ -418,24 +409,18 @@ def _run_trial(kind, **spec):
 
 
 def trial(kind, *, memory_limit_gb, timeout_s, **spec):
-    """Runs one trial in a capped child process; adds its peak RSS and exit status."""
-    result = run_in_capped_child(
+    """Runs one trial in a capped child process (with its peak RSS and exit status)."""
+    return run_in_capped_child(
         __file__,
         {**spec, "kind": kind},
         memory_limit_gb=memory_limit_gb,
         timeout_s=timeout_s,
         env={"KERAS_BACKEND": "tensorflow"},
     )
-    result["peak_rss_gib"] = result.get("hwm_rss_gib") or result["wait4_maxrss_gib"]
-    return result
 
 
 # ----------------------------------------------------------------------------------------------
 # The run (parent).
-
-
-def _ratio(a, b):
-    return a / b if a is not None and b else None
 
 
 def _tokens_per_s(result):
@@ -475,7 +460,7 @@ def forward(args, models, memory_limit_gb):
                     entry["trial_peak_rss_gib"] = result["peak_rss_gib"]
                     row[name] = entry
                 cells = [
-                    f"{name} {_fmt(_tokens_per_s(row[name]), ',.0f')} tok/s"
+                    f"{name} {fmt(_tokens_per_s(row[name]), ',.0f')} tok/s"
                     if row[name]["ok"]
                     else f"{name} {row[name]['failure'].upper()}"
                     for name in group
@@ -484,8 +469,8 @@ def forward(args, models, memory_limit_gb):
             if not row["exact"]["ok"] and exact_failed is None:
                 exact_failed = length
             favor = _tokens_per_s(row["favor"])
-            row["favor_over_exact"] = _ratio(favor, _tokens_per_s(row["exact"]))
-            row["favor_over_floor"] = _ratio(favor, _tokens_per_s(row["floor"]))
+            row["favor_over_exact"] = ratio(favor, _tokens_per_s(row["exact"]))
+            row["favor_over_floor"] = ratio(favor, _tokens_per_s(row["floor"]))
             rows.append(row)
     return rows
 
@@ -508,16 +493,12 @@ def decode(args, models, memory_limit_gb):
         )
         if result["ok"]:
             steps = {name: result["models"][name].get("step_s") for name in DECODE_MODELS}
-            result["favor_over_floor"] = _ratio(steps["favor"], steps["floor"])
-            print(", ".join(f"{n} {_fmt(s and 1e3 * s, '.3f')} ms" for n, s in steps.items()))
+            result["favor_over_floor"] = ratio(steps["favor"], steps["floor"])
+            print(", ".join(f"{n} {fmt(s and 1e3 * s, '.3f')} ms" for n, s in steps.items()))
         else:
             print(result["failure"])
         results[runtime] = result
     return results
-
-
-def _fmt(value, spec, missing="-"):
-    return missing if value is None else format(value, spec)
 
 
 def _cell(result):
@@ -541,7 +522,7 @@ def report(rows, decoded, args):
         print(
             f"{row['runtime']:>11} {row['length']:>6} | {_cell(row['favor']):>9} "
             f"{_cell(row['exact']):>9} {_cell(row['floor']):>9} | "
-            f"{_fmt(row['favor_over_exact'], '.2f'):>11} {_fmt(row['favor_over_floor'], '.2f'):>11}"
+            f"{fmt(row['favor_over_exact'], '.2f'):>11} {fmt(row['favor_over_floor'], '.2f'):>11}"
         )
     print(
         f"\nDecode step (decode_step, batch 1) after a context of {args.context} tokens: ms per "
@@ -557,12 +538,12 @@ def report(rows, decoded, args):
             continue
         models = result["models"]
         cells = [
-            _fmt(models[name].get("step_s") and 1e3 * models[name]["step_s"], ".3f")
+            fmt(models[name].get("step_s") and 1e3 * models[name]["step_s"], ".3f")
             for name in DECODE_MODELS
         ]
         print(
             f"{runtime:>11} | {cells[0]:>9} {cells[1]:>9} | "
-            f"{_fmt(result['favor_over_floor'], '.2f'):>11}"
+            f"{fmt(result['favor_over_floor'], '.2f'):>11}"
         )
 
 

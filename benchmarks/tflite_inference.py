@@ -48,9 +48,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.common import (  # noqa: E402
     child_trial_main,
+    fmt,
     memory_gib,
+    ratio,
     run_in_capped_child,
     run_info,
+    status_gib,
     write_json,
 )
 
@@ -177,15 +180,6 @@ def convert_trial(directory):
 # Trials (child processes: numpy and LiteRT only).
 
 
-def _status_gib(field):
-    """A memory field of /proc/self/status (VmRSS: now, VmHWM: peak since exec) in GiB."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 2**20
-    return None
-
-
 def _interpreter(path, threads):
     from ai_edge_litert.interpreter import Interpreter
 
@@ -196,9 +190,9 @@ def forward_trial(path, length, threads, repeats, time_budget_s, seed=0):
     """Times ``serving_default`` on (1, length) token ids."""
     import numpy as np
 
-    base_rss = _status_gib("VmRSS")
+    base_rss = status_gib("VmRSS")
     interpreter = _interpreter(path, threads)
-    loaded_rss = _status_gib("VmRSS")
+    loaded_rss = status_gib("VmRSS")
     runner = interpreter.get_signature_runner("serving_default")
     ids = np.random.default_rng(seed).integers(1, VOCAB, (1, length)).astype(np.int32)
     start, cpu_start = time.perf_counter(), time.process_time()
@@ -212,8 +206,8 @@ def forward_trial(path, length, threads, repeats, time_budget_s, seed=0):
             "failure": "error",
             "message": repr(error)[-500:],
             "failed_after_s": time.perf_counter() - start,
-            "hwm_rss_gib": _status_gib("VmHWM"),
-            "vm_peak_gib": _status_gib("VmPeak"),
+            "hwm_rss_gib": status_gib("VmHWM"),
+            "vm_peak_gib": status_gib("VmPeak"),
             "base_rss_gib": base_rss,
             "loaded_rss_gib": loaded_rss,
         }
@@ -239,7 +233,7 @@ def forward_trial(path, length, threads, repeats, time_budget_s, seed=0):
         "times_s": times,
         "base_rss_gib": base_rss,
         "loaded_rss_gib": loaded_rss,
-        "hwm_rss_gib": _status_gib("VmHWM"),
+        "hwm_rss_gib": status_gib("VmHWM"),
     }
 
 
@@ -304,7 +298,7 @@ def decode_trial(path, contexts, threads, repeats, steps_per_repeat, seed=0):
         "step_min_s": {str(c): min(samples[c]) for c in contexts},
         "step_cpu_median_s": {str(c): statistics.median(cpu_samples[c]) for c in contexts},
         "prefill_window_median_s": {str(c): window(c) for c in contexts},
-        "hwm_rss_gib": _status_gib("VmHWM"),
+        "hwm_rss_gib": status_gib("VmHWM"),
     }
 
 
@@ -314,25 +308,14 @@ def _run_trial(kind, **spec):
 
 
 def trial(kind, *, memory_limit_gb, timeout_s, **spec):
-    """Runs one trial in a capped child process; adds its peak RSS and exit status."""
-    result = run_in_capped_child(
+    """Runs one trial in a capped child process (with its peak RSS and exit status)."""
+    return run_in_capped_child(
         __file__, {**spec, "kind": kind}, memory_limit_gb=memory_limit_gb, timeout_s=timeout_s
     )
-    # The child's own high-water mark where it reported one, else the kernel's (wait4).
-    result["peak_rss_gib"] = result.get("hwm_rss_gib") or result["wait4_maxrss_gib"]
-    return result
 
 
 # ----------------------------------------------------------------------------------------------
 # The run (parent).
-
-
-def _ratio(a, b):
-    return a / b if a is not None and b else None
-
-
-def _fmt(value, spec, missing="-"):
-    return missing if value is None else format(value, spec)
 
 
 def forward(args, paths, memory_limit_gb):
@@ -356,16 +339,16 @@ def forward(args, paths, memory_limit_gb):
             row[attention_type] = result
         favor, softmax = row["favor"], row["softmax"]
         both = favor["ok"] and softmax["ok"]
-        row["time_ratio"] = _ratio(favor["median_s"], softmax["median_s"]) if both else None
+        row["time_ratio"] = ratio(favor["median_s"], softmax["median_s"]) if both else None
         row["cpu_time_ratio"] = (
-            _ratio(favor["cpu_median_s"], softmax["cpu_median_s"]) if both else None
+            ratio(favor["cpu_median_s"], softmax["cpu_median_s"]) if both else None
         )
         # If softmax failed part way, its RSS then (and time until then) only bound its cost
         # from below, so the ratios become upper bounds ("bounds": True).
         row["bounds"] = favor["ok"] and not softmax["ok"]
-        row["peak_rss_ratio"] = _ratio(favor["peak_rss_gib"], softmax["peak_rss_gib"])
+        row["peak_rss_ratio"] = ratio(favor["peak_rss_gib"], softmax["peak_rss_gib"])
         if row["bounds"] and softmax.get("failed_after_s"):
-            row["time_ratio"] = _ratio(favor["median_s"], softmax["failed_after_s"])
+            row["time_ratio"] = ratio(favor["median_s"], softmax["failed_after_s"])
         rows.append(row)
     return rows
 
@@ -390,7 +373,7 @@ def decode(args, paths, memory_limit_gb):
             result["step_cpu_median_s"][high] / result["step_cpu_median_s"][low]
         )
         windows = result["prefill_window_median_s"]
-        result["prefill_window_ratio"] = _ratio(windows[high], windows[low])
+        result["prefill_window_ratio"] = ratio(windows[high], windows[low])
     return result
 
 
@@ -418,10 +401,10 @@ def report(rows, decoded, args):
         bound = "<=" if row["bounds"] else ""
         print(
             f"{row['length']:>6} | {cells[0]:>15} {cells[1]:>17} | "
-            f"{bound}{_fmt(row['time_ratio'], '.3f'):>{8 - len(bound)}} "
-            f"{_fmt(row['cpu_time_ratio'], '.3f'):>7} | "
+            f"{bound}{fmt(row['time_ratio'], '.3f'):>{8 - len(bound)}} "
+            f"{fmt(row['cpu_time_ratio'], '.3f'):>7} | "
             f"{row['favor']['peak_rss_gib']:>9.2f} {row['softmax']['peak_rss_gib']:>11.2f} "
-            f"{bound}{_fmt(row['peak_rss_ratio'], '.3f'):>{7 - len(bound)}}"
+            f"{bound}{fmt(row['peak_rss_ratio'], '.3f'):>{7 - len(bound)}}"
         )
     for row in rows:
         if row["bounds"]:
