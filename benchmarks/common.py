@@ -4,6 +4,7 @@ Every script states where and how it ran: `run_info()` gathers the machine, the 
 the Keras backend, and `write_json` stores it next to the figures under `benchmarks/results/`.
 """
 
+import argparse
 import datetime
 import json
 import os
@@ -229,6 +230,25 @@ def ratio(a, b):
 def fmt(value, spec, missing="-"):
     """`format(value, spec)`, or `missing` for None: a table cell."""
     return missing if value is None else format(value, spec)
+
+
+def add_trial_arguments(parser, trial_timeout_s=1200.0):
+    """The options of a script whose trials run in capped children (`run_in_capped_child`):
+    `--memory-limit-gb`, `--trial-timeout` and the hidden `--_trial` a child is started with."""
+    parser.add_argument("--memory-limit-gb", type=float, default=20.0)
+    parser.add_argument(
+        "--trial-timeout", type=float, default=trial_timeout_s, help="seconds per trial"
+    )
+    parser.add_argument("--_trial", help=argparse.SUPPRESS)
+
+
+def capped_memory_limit_gb(requested_gb, margin_gb=2.0):
+    """`requested_gb`, lowered to what the machine has free less `margin_gb` (never below 1 GiB):
+    a trial's cap must never ask for more memory than there is."""
+    _, available = memory_gib()
+    if available is None:
+        return requested_gb
+    return max(1.0, min(requested_gb, available - margin_gb))
 
 
 def run_in_capped_child(script, spec, *, memory_limit_gb, timeout_s, env=None, poll_s=0.1):

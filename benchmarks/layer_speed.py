@@ -47,6 +47,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.common import (  # noqa: E402
     RESULTS_DIR,
+    add_trial_arguments,
     child_trial_main,
     run_in_capped_child,
     run_info,
@@ -402,9 +403,7 @@ def main(argv=None):
         choices=[c[0] for c in MAX_LENGTH_CONFIGS],
         help="--max-length: only these layers (default: all)",
     )
-    parser.add_argument("--memory-limit-gb", type=float, default=20.0)
-    parser.add_argument("--trial-timeout", type=float, default=1800.0, help="seconds per trial")
-    parser.add_argument("--_trial", help=argparse.SUPPRESS)
+    add_trial_arguments(parser, trial_timeout_s=1800.0)
     args = parser.parse_args(argv)
     if args._trial:
         child_trial_main(args._trial, run_trial)

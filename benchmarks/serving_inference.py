@@ -56,10 +56,11 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.common import (  # noqa: E402
+    add_trial_arguments,
+    capped_memory_limit_gb,
     child_trial_main,
     fmt,
     looks_like_oom,
-    memory_gib,
     ratio,
     run_in_capped_child,
     run_info,
@@ -565,9 +566,7 @@ def main(argv=None):
     parser.add_argument("--decode-repeats", type=int, default=20)
     parser.add_argument("--steps-per-call", type=int, default=50)
     parser.add_argument("--check-length", type=int, default=300, help="tokens of the export check")
-    parser.add_argument("--memory-limit-gb", type=float, default=20.0)
-    parser.add_argument("--trial-timeout", type=float, default=1200.0, help="seconds per trial")
-    parser.add_argument("--_trial", help=argparse.SUPPRESS)
+    add_trial_arguments(parser)
     args = parser.parse_args(argv)
     if args._trial:
         child_trial_main(args._trial, _run_trial)
@@ -583,10 +582,7 @@ def main(argv=None):
 
     os.environ["KERAS_BACKEND"] = "tensorflow"
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    _, available = memory_gib()  # never ask for more than the machine has free
-    memory_limit_gb = args.memory_limit_gb
-    if available is not None:
-        memory_limit_gb = max(1.0, min(memory_limit_gb, available - 2.0))
+    memory_limit_gb = capped_memory_limit_gb(args.memory_limit_gb)
     print(f"memory cap per trial: {memory_limit_gb:.1f} GiB", flush=True)
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -47,9 +47,10 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.common import (  # noqa: E402
+    add_trial_arguments,
+    capped_memory_limit_gb,
     child_trial_main,
     fmt,
-    memory_gib,
     ratio,
     run_in_capped_child,
     run_info,
@@ -482,9 +483,7 @@ def main(argv=None):
     )
     parser.add_argument("--decode-repeats", type=int, default=40)
     parser.add_argument("--steps-per-repeat", type=int, default=100)
-    parser.add_argument("--memory-limit-gb", type=float, default=20.0)
-    parser.add_argument("--trial-timeout", type=float, default=1200.0, help="seconds per trial")
-    parser.add_argument("--_trial", help=argparse.SUPPRESS)
+    add_trial_arguments(parser)
     args = parser.parse_args(argv)
     if args._trial:
         child_trial_main(args._trial, _run_trial)
@@ -499,11 +498,7 @@ def main(argv=None):
 
     os.environ["KERAS_BACKEND"] = "tensorflow"
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    # Never ask for more than the machine has free (less a margin for everything else).
-    _, available = memory_gib()
-    memory_limit_gb = args.memory_limit_gb
-    if available is not None:
-        memory_limit_gb = max(1.0, min(memory_limit_gb, available - 2.0))
+    memory_limit_gb = capped_memory_limit_gb(args.memory_limit_gb)
     print(f"memory cap per trial: {memory_limit_gb:.1f} GiB", flush=True)
 
     with tempfile.TemporaryDirectory() as tmp:
