@@ -545,6 +545,7 @@ def favor_attention(
     chunk_size=DEFAULT_CHUNK_SIZE,
     decay=None,
     matmul_dtype=None,
+    local_window=None,
 ):
     """Random-feature attention D⁻¹ φ(Q) (φ(K)ᵀ V), in time and memory linear in length.
 
@@ -565,6 +566,10 @@ def favor_attention(
             query t's numerator and normaliser. None (no decay), `"retnet"` (`decay_rates(N)`),
             one number in (0, 1] or a list of N of them. Exact in the chunked form, same cost.
             With `causal=False` it raises a ValueError.
+        local_window: None (default) or a positive int w: exact softmax weights over the keys
+            with |t − s| < w (causal: 0 ≤ t − s < w), the map's kernel calibrated on them over
+            the others (see `FavorAttention`'s `local_window`). Needs T == S; computed in
+            float32 (`matmul_dtype` applies only without it).
         matmul_dtype: the dtype of the products. None (default): `"bfloat16"` when `query` is
             bfloat16 (a `mixed_bfloat16` policy) and the map has the fast path, else
             `"float32"`. The fast path, for the exponential maps (`softmax_positive`,
@@ -607,12 +612,13 @@ def favor_attention(
     _check_projection(feature_map, projection_matrix, qs[-1])
     log_decay = _log_decay(decay, qs[2], causal)
     low_dtype = _low_dtype(feature_map, matmul_dtype, query.dtype)
+    _check_local_window(local_window, qs, ks)
     mask = None
     if key_padding_mask is not None:
         check_padding_mask(key_padding_mask, "key_padding_mask", qs[0], ks[1])
         mask = ops.cast(key_padding_mask, "float32")  # (B, S)
 
-    if not causal:
+    if not causal and local_window is None:
         # expand_dims, not [:, None, :, None]: a strided slice adding axes has no TFLite builtin.
         key_mask = None if mask is None else ops.expand_dims(mask, (1, 3))  # (B, 1, S, 1)
         q, k, v = _to_heads_first(query), _to_heads_first(key), _to_heads_first(value)
@@ -623,7 +629,31 @@ def favor_attention(
         out = ops.transpose(_normalise(out), (0, 2, 1, 3))  # (B, T, N, D)
         return ops.cast(out, query.dtype)
 
-    length = qs[1] if qs[1] is not None else ops.shape(query)[1]
+    if local_window is not None:
+        out = _hybrid(
+            query,
+            key,
+            value,
+            feature_map,
+            projection_matrix,
+            causal,
+            mask,
+            local_window,
+            chunk_size,
+            log_decay,
+        )
+        return ops.cast(out, query.dtype)
+    out = _causal_unnormalised(
+        query, key, value, feature_map, projection_matrix, mask, chunk_size, log_decay, low_dtype
+    )
+    return ops.cast(_normalise(out), query.dtype)
+
+
+def _causal_unnormalised(
+    query, key, value, feature_map, projection_matrix, mask, chunk_size, log_decay, low_dtype
+):
+    """Causal linear attention's numerator and normaliser, (B, T, N, D+1) float32; mask (B, S)."""
+    length = query.shape[1] if query.shape[1] is not None else ops.shape(query)[1]
     chunk_size, num_chunks, pad = _chunk_geometry(length, chunk_size)
     batch = ops.shape(query)[0]
 
@@ -647,18 +677,178 @@ def favor_attention(
         return ops.reshape(x, (num_chunks, batch, x.shape[1], chunk_size, x.shape[-1]))
 
     out = _chunked_core(split(q_feat), split(k_feat), split(v1), finite, log_decay)
-    out = _from_chunks_first(_normalise(out), batch, num_chunks, length, pad)  # (B, T, N, D)
-    return ops.cast(out, query.dtype)
+    return _from_chunks_first(ops.cast(out, "float32"), batch, num_chunks, length, pad)
+
+
+def check_local_window(local_window):
+    """Checks `local_window`: None or a positive int."""
+    if local_window is not None:
+        positive_int(local_window, "local_window")
+
+
+def _check_local_window(local_window, query_shape, key_shape):
+    if local_window is None:
+        return
+    check_local_window(local_window)
+    _check_dim(
+        query_shape[1],
+        key_shape[1],
+        "Argument `local_window` needs queries and keys of the same length (query t and key s "
+        f"are neighbours when |t − s| < local_window). Received: local_window={local_window}, "
+        f"query.shape={query_shape}, key.shape={key_shape}",
+    )
+
+
+def _causal_from_features(q_feat, k_feat, v1, finite, chunk_size, log_decay):
+    """Causal linear attention of (B, L, N, ·) features and value rows: (B, L, N, D+1) float32."""
+    length = q_feat.shape[1] if q_feat.shape[1] is not None else ops.shape(q_feat)[1]
+    chunk_size, num_chunks, pad = _chunk_geometry(length, chunk_size)
+    batch = ops.shape(q_feat)[0]
+
+    def chunks(x):  # (B, L, N, ·) -> (K, B, N, C, ·)
+        x = _to_chunks_first(x, chunk_size, num_chunks, pad)
+        return ops.reshape(x, (num_chunks, batch, x.shape[1], chunk_size, x.shape[-1]))
+
+    out = _chunked_core(chunks(q_feat), chunks(k_feat), chunks(v1), finite, log_decay)
+    return _from_chunks_first(ops.cast(out, "float32"), batch, num_chunks, length, pad)
+
+
+def _delayed(x, delay):
+    """(B, L, ·) shifted later by `delay` positions along L, zeros first."""
+    pad = [[0, 0], [delay, 0]] + [[0, 0]] * (len(x.shape) - 2)
+    length = x.shape[1] if x.shape[1] is not None else ops.shape(x)[1]
+    return ops.pad(x, pad)[:, :length]
+
+
+def _hybrid(
+    query, key, value, feature_map, projection_matrix, causal, mask, window, chunk_size, log_decay
+):
+    """Exact softmax over the keys with |t − s| < window, the map's kernel over the others.
+
+    The kernel's weights are calibrated per query on the window: scaled by
+    α_t = Σ_window exp(s_ts − c_t) / Σ_window φ(q_t)·φ(k_s), so the map decides how the
+    attention splits between the window and the rest, and exact softmax decides it within the
+    window. Every per-query or per-sequence factor of the kernel (stabilisers, normalisers)
+    cancels in α_t, so any map can be mixed with exact weights. Returns (B, T, N, D) float32.
+    The kernel part excludes the window's keys by construction (keys delayed by `window`
+    positions, then causal linear attention; bidirectional adds the same on the reversed
+    sequence), never by subtraction.
+    """
+    key_mask = None if mask is None else ops.expand_dims(mask, (1, 3))  # (B, 1, S, 1)
+    q, k, v = _to_heads_first(query), _to_heads_first(key), _to_heads_first(value)
+    q_feat, k_feat, v1, finite = _features(
+        feature_map, q, k, v, projection_matrix, True, key_mask, None
+    )  # (B, N, L, ·)
+    if key_mask is not None:
+        v1 = v1 * key_mask  # padded keys: zero rows, the ones column included (they are invalid)
+    q_feat, k_feat, v1 = (_to_heads_first(x) for x in (q_feat, k_feat, v1))  # (B, L, N, ·)
+
+    def outside(q_feat, k_feat, v1):  # keys s <= t − window
+        out = _causal_from_features(
+            q_feat, _delayed(k_feat, window), _delayed(v1, window), finite, chunk_size, log_decay
+        )
+        if log_decay is not None:  # the delayed key s + window weighs γ^(t − s − window)
+            out = out * ops.reshape(ops.exp(log_decay * window), (1, 1, -1, 1))
+        return out
+
+    far = outside(q_feat, k_feat, v1)
+    if not causal:
+
+        def flip(x):
+            return ops.flip(x, axis=1)
+
+        far = far + flip(outside(flip(q_feat), flip(k_feat), flip(v1)))
+    near, alpha = _local_softmax(
+        query, key, value, mask, q_feat, k_feat, v1[..., -1:], window, causal, log_decay
+    )
+    return _normalise(near + alpha * far)
+
+
+def _local_softmax(query, key, value, mask, q_feat, k_feat, k_scale, window, causal, log_decay):
+    """The window's exact part and the kernel's calibration, both (B, T, N, ·) float32.
+
+    Returns Σ_s exp(q_t·k_s/√H − c_t)·γ^(t−s)·[v_s, 1] over keys with |t − s| < window (causal:
+    0 <= t − s), c_t the largest of those scores, (B, T, N, D+1); and α_t (B, T, N, 1), the
+    window's exact mass Σ exp(·) over its kernel mass Σ φ(q_t)·φ(k_s) (0 when the latter is 0).
+    Blocks of `window` queries see the previous, their own and (bidirectional) the next block
+    of keys: O(L·window) time and memory. `mask` (B, S) float32 or None; `k_scale` (B, S, N, 1)
+    the keys' scales (ones for maps without one; 0 for padded keys).
+    """
+    batch = ops.shape(query)[0]
+    length = query.shape[1] if query.shape[1] is not None else ops.shape(query)[1]
+    heads, key_dim = query.shape[2], query.shape[3]
+    if isinstance(length, int):
+        num_blocks = -(-length // window)
+    else:
+        num_blocks = (length + window - 1) // window
+    pad = num_blocks * window - length
+
+    def blocks(x):  # (B, L, N, W) -> (B, K, C, N, W), zeros past the end
+        x = ops.pad(ops.cast(x, "float32"), [[0, 0], [0, pad], [0, 0], [0, 0]])
+        return ops.reshape(x, (batch, num_blocks, window, heads, x.shape[-1]))
+
+    def neighbours(x):  # (B, K, C, ·) -> (B, K, 2C or 3C, ·): previous, own (and next) block
+        zeros = ops.zeros_like(x[:, :1])
+        parts = [ops.concatenate([zeros, x[:, :-1]], axis=1), x]
+        if not causal:
+            parts.append(ops.concatenate([x[:, 1:], zeros], axis=1))
+        return ops.concatenate(parts, axis=2)
+
+    if mask is None:
+        mask = ops.ones((batch, length), dtype="float32")
+    real = neighbours(
+        blocks(ops.broadcast_to(ops.expand_dims(mask, (2, 3)), (batch, length, heads, 1)))
+    )
+    value_rows = ops.concatenate([neighbours(blocks(value)) * real, real], axis=-1)
+    valid = ops.transpose(real, (0, 1, 3, 4, 2)) > 0  # (B, K, N, 1, J); False past the end
+    width = 2 * window if causal else 3 * window
+    lag = np.arange(window)[:, None] + window - np.arange(width)[None, :]  # t − s, (C, J)
+    band = (lag >= 0) if causal else (lag > -window)
+    band &= lag < window
+    keep = ops.logical_and(band, valid)  # (B, K, N, C, J)
+
+    q = blocks(query) * (1.0 / math.sqrt(key_dim))
+    scores = ops.einsum("bkqnh,bkjnh->bknqj", q, neighbours(blocks(key)))  # (B, K, N, C, J)
+    top = ops.max(ops.where(keep, scores, -np.inf), axis=-1, keepdims=True)
+    top = ops.where(ops.isfinite(top), top, 0.0)  # a query with no key in its window
+    exact = ops.where(keep, ops.exp(ops.where(keep, scores, top) - top), 0.0)
+    # The kernel on the same pairs; a key's scale (factored maps) is its v1 row's last column.
+    kernel = ops.einsum("bkqnf,bkjnf->bknqj", blocks(q_feat), neighbours(blocks(k_feat)))
+    scale = ops.transpose(neighbours(blocks(k_scale)), (0, 1, 3, 4, 2))  # (B, K, N, 1, J)
+    kernel_mass = ops.sum(ops.where(keep, kernel * scale, 0.0), axis=-1)  # (B, K, N, C)
+    exact_mass = ops.sum(exact, axis=-1)
+    alpha = ops.where(
+        kernel_mass > 0, exact_mass / ops.where(kernel_mass > 0, kernel_mass, 1.0), 0.0
+    )
+    if log_decay is not None:
+        exact = exact * ops.exp(ops.reshape(log_decay, (-1, 1, 1)) * lag.astype("float32"))
+    near = ops.einsum("bknqj,bkjnd->bkqnd", exact, value_rows)  # (B, K, C, N, D+1)
+
+    def rows(x):  # (B, K, C, N, W) -> (B, T, N, W)
+        x = ops.reshape(x, (batch, num_blocks * window, heads, x.shape[-1]))
+        return x if isinstance(pad, int) and pad == 0 else x[:, :length]
+
+    alpha = ops.expand_dims(ops.transpose(alpha, (0, 1, 3, 2)), -1)  # (B, K, C, N, 1)
+    return rows(near), rows(alpha)
 
 
 def favor_initial_state(
-    batch_size, num_heads, key_dim, value_dim, feature_map, num_random_features=None
+    batch_size,
+    num_heads,
+    key_dim,
+    value_dim,
+    feature_map,
+    num_random_features=None,
+    local_window=None,
 ):
     """The empty decoding state (S, z): S (B, N, F, D) = Σ φ(k)vᵀ and z (B, N, F) = Σ φ(k).
 
     F is `feature_map.output_dim(key_dim, num_random_features)`. The state's size is fixed: it does
-    not grow with the number of decoded positions.
+    not grow with the number of decoded positions. With `local_window=w` it is (S, z, K, V1): S
+    and z sum the keys that left the window, K (B, N, w, H) holds the last w keys and
+    V1 (B, N, w, D + 1) their values with a last column of 1 for each key seen (0: empty slot).
     """
+    check_local_window(local_window)
     feature_map = feature_maps_lib.get(feature_map)
     if feature_map.uses_random_features and num_random_features is None:
         raise ValueError(
@@ -668,14 +858,27 @@ def favor_initial_state(
     if num_random_features is not None:
         positive_int(num_random_features, "num_random_features")
     feat_dim = feature_map.output_dim(key_dim, num_random_features)
-    return (
+    state = (
         ops.zeros((batch_size, num_heads, feat_dim, value_dim), dtype="float32"),
         ops.zeros((batch_size, num_heads, feat_dim), dtype="float32"),
+    )
+    if local_window is None:
+        return state
+    return state + (
+        ops.zeros((batch_size, num_heads, local_window, key_dim), dtype="float32"),
+        ops.zeros((batch_size, num_heads, local_window, value_dim + 1), dtype="float32"),
     )
 
 
 def favor_attention_step(
-    query, key, value, state, feature_map="softmax_positive", projection_matrix=None, decay=None
+    query,
+    key,
+    value,
+    state,
+    feature_map="softmax_positive",
+    projection_matrix=None,
+    decay=None,
+    local_window=None,
 ):
     """One causal decoding step with a fixed-size state.
 
@@ -687,10 +890,12 @@ def favor_attention_step(
         key: (B, N, H).
         value: (B, N, D).
         state: (S, z) with S (B, N, F, D) and z (B, N, F), from `favor_initial_state` or a
-            previous step.
+            previous step; with `local_window`, (S, z, K, V1) (see `favor_initial_state`).
         feature_map: as in `favor_attention`.
         projection_matrix: as in `favor_attention`.
         decay: as in `favor_attention`: the state decays by γ per head before the new key enters.
+        local_window: as in `favor_attention`: the last `local_window` keys (the new one
+            included) are attended exactly; a key enters S and z when it leaves the window.
 
     Returns:
         (output (B, N, D) in the dtype of `query`, new state).
@@ -699,10 +904,14 @@ def favor_attention_step(
     _static_rank_check(query, 3, "query", "(batch, num_heads, key_dim)")
     _static_rank_check(key, 3, "key", "(batch, num_heads, key_dim)")
     _static_rank_check(value, 3, "value", "(batch, num_heads, value_dim)")
-    if not isinstance(state, (tuple, list)) or len(state) != 2:
+    check_local_window(local_window)
+    size = 2 if local_window is None else 4
+    if not isinstance(state, (tuple, list)) or len(state) != size:
         raise ValueError(
-            "Argument `state` must be a pair (S, z) from `favor_initial_state`. "
-            f"Received: state={type(state).__name__}"
+            f"Argument `state` must be the {size} arrays from `favor_initial_state`"
+            + ("" if local_window is None else f" with local_window={local_window}")
+            + f". Received: state={type(state).__name__}"
+            + (f" of length {len(state)}" if isinstance(state, (tuple, list)) else "")
         )
     _check_dim(
         query.shape[-1],
@@ -712,6 +921,10 @@ def favor_attention_step(
     )
     _check_projection(feature_map, projection_matrix, query.shape[-1])
     log_decay = _log_decay(decay, query.shape[1], True)
+    if local_window is not None:
+        return _windowed_step(
+            query, key, value, state, feature_map, projection_matrix, log_decay, local_window
+        )
     s_state, z_state = state
     q = ops.cast(query, "float32")[:, :, None, :]  # (B, N, 1, H)
     k = ops.cast(key, "float32")[:, :, None, :]
@@ -731,3 +944,55 @@ def favor_attention_step(
     den = ops.matmul(q_feat, ops.expand_dims(z_state, -1))[:, :, 0]  # (B, N, 1)
     out = num / ops.where(ops.equal(den, 0.0), 1.0, den)
     return ops.cast(out, query.dtype), (s_state, z_state)
+
+
+def _windowed_step(query, key, value, state, feature_map, projection_matrix, log_decay, window):
+    """`favor_attention_step` with a local window: the state is (S, z, K, V1)."""
+    s_state, z_state, keys, values = state
+    _check_state(s_state, z_state, tuple(s_state.shape), feature_map)
+    expected = {
+        "K": (keys, (*query.shape[:2], window, query.shape[-1])),
+        "V1": (values, (*query.shape[:2], window, value.shape[-1] + 1)),
+    }
+    for name, (x, shape) in expected.items():
+        if any(a is not None and b is not None and a != b for a, b in zip(x.shape, shape)):
+            raise ValueError(
+                f"The window state {name} must have shape {shape} (local_window={window}). "
+                f"Received: {name}.shape={tuple(x.shape)}"
+            )
+    q = ops.cast(query, "float32")[:, :, None, :]  # (B, N, 1, H)
+    k = ops.cast(key, "float32")[:, :, None, :]
+    v1 = _with_ones_column(ops.cast(value, "float32")[:, :, None, :])  # (B, N, 1, D+1)
+    keys = ops.concatenate([keys, k], axis=2)  # positions t − window .. t
+    values = ops.concatenate([values, v1], axis=2)
+    q_feat, k_feat = feature_map(q, keys, projection_matrix, causal=True)  # (B, N, w+1, F)
+    # The oldest key (t − window) leaves the window and enters the state, weighted γ^window.
+    seen = values[:, :, :, -1:]  # (B, N, w+1, 1): 1 for keys seen, 0 for empty slots
+    leaving = ops.transpose(k_feat[:, :, :1] * seen[:, :, :1], (0, 1, 3, 2))  # (B, N, F, 1)
+    entering_s, entering_z = leaving * values[:, :, :1, :-1], leaving[..., 0]
+    if log_decay is not None:
+        rate = ops.exp(log_decay)
+        s_state = s_state * ops.reshape(rate, (-1, 1, 1))
+        z_state = z_state * ops.reshape(rate, (-1, 1))
+        entering_s = entering_s * ops.reshape(ops.exp(log_decay * window), (-1, 1, 1))
+        entering_z = entering_z * ops.reshape(ops.exp(log_decay * window), (-1, 1))
+    s_state, z_state = s_state + entering_s, z_state + entering_z
+    keys, values, k_feat, seen = keys[:, :, 1:], values[:, :, 1:], k_feat[:, :, 1:], seen[:, :, 1:]
+    seen = seen[..., 0] > 0  # (B, N, w)
+    scores = ops.einsum("bnh,bnjh->bnj", q[:, :, 0], keys) * (1.0 / math.sqrt(keys.shape[-1]))
+    top = ops.max(ops.where(seen, scores, -np.inf), axis=-1, keepdims=True)  # the new key is seen
+    exact = ops.where(seen, ops.exp(scores - top), 0.0)
+    kernel = ops.where(seen, ops.einsum("bnf,bnjf->bnj", q_feat[:, :, 0], k_feat), 0.0)
+    exact_mass = ops.sum(exact, axis=-1, keepdims=True)  # (B, N, 1)
+    kernel_mass = ops.sum(kernel, axis=-1, keepdims=True)
+    alpha = ops.where(
+        kernel_mass > 0, exact_mass / ops.where(kernel_mass > 0, kernel_mass, 1.0), 0.0
+    )
+    if log_decay is not None:
+        lag = np.arange(window - 1, -1, -1).astype("float32")  # t − s of each slot
+        exact = exact * ops.exp(ops.reshape(log_decay, (-1, 1)) * lag)
+    near = ops.einsum("bnj,bnjd->bnd", exact, values)  # (B, N, D+1)
+    far_num = ops.matmul(q_feat, s_state)[:, :, 0]  # (B, N, D)
+    far_den = ops.matmul(q_feat, ops.expand_dims(z_state, -1))[:, :, 0]  # (B, N, 1)
+    out = _normalise(near + alpha * ops.concatenate([far_num, far_den], axis=-1))
+    return ops.cast(out, query.dtype), (s_state, z_state, keys, values)

@@ -190,3 +190,55 @@ MAP_CASES = {
 }
 DETERMINISTIC_CASES = ("relu_deterministic", "elu", "user_squared")
 RANDOM_CASES = tuple(c for c in MAP_CASES if c not in DETERMINISTIC_CASES)
+
+
+def hybrid_attention(
+    name,
+    query,
+    key,
+    value,
+    projection=None,
+    *,
+    window,
+    causal=False,
+    key_padding_mask=None,
+    decay=None,
+    rho=None,
+    **kwargs,
+):
+    """`favor_attention(..., local_window=window)` computed explicitly with T×S matrices, float64.
+
+    Exact weights exp(s_ts − c_t) on the keys with |t − s| < window (causal: 0 ≤ t − s), c_t
+    their largest score; the map's kernel φ(q_t)·φ(k_s) on the other visible keys, times
+    α_t = Σ_window exp(s_ts − c_t) / Σ_window φ(q_t)·φ(k_s); decay γ^(t−s) on both; one
+    normaliser. Features as in causal mode (FAVOR++: ρ = `rho`, or its causal 2/√H).
+    """
+    query, key, value = (np.asarray(t, np.float64) for t in (query, key, value))
+    if name == "softmax_optimal":
+        a = optimal_a(2.0 / np.sqrt(query.shape[-1]) if rho is None else rho)
+    else:
+        a = None
+    kernel = np.einsum(
+        "btnf,bsnf->bnts",
+        features(name, query, projection, a=a, **kwargs),
+        features(name, key, projection, a=a, **kwargs),
+    )
+    scores = np.einsum("btnh,bsnh->bnts", query, key) / np.sqrt(query.shape[-1])
+    length = query.shape[1]
+    lag = np.arange(length)[:, None] - np.arange(length)[None, :]
+    visible = np.ones((length, length), bool) if not causal else lag >= 0
+    visible = np.broadcast_to(visible, scores.shape)
+    if key_padding_mask is not None:
+        visible = visible & np.asarray(key_padding_mask, bool)[:, None, None, :]
+    near = visible & (np.abs(lag) < window)
+    far = visible & ~near
+    top = np.where(near, scores, -np.inf).max(-1, keepdims=True)
+    top = np.where(np.isfinite(top), top, 0.0)
+    exact = np.where(near, np.exp(np.where(near, scores, 0.0) - top), 0.0)
+    kernel_mass = np.where(near, kernel, 0.0).sum(-1, keepdims=True)
+    alpha = np.where(kernel_mass > 0, exact.sum(-1, keepdims=True) / kernel_mass, 0.0)
+    weights = exact + alpha * np.where(far, kernel, 0.0)
+    if decay is not None:
+        weights = weights * decay_weights(decay, length)
+    total = weights.sum(-1, keepdims=True)
+    return np.einsum("bnts,bsnd->btnd", weights / np.where(total == 0, 1.0, total), value)
