@@ -14,6 +14,7 @@ FAVOR_OPTIONS = (
     "row_norms",
     "causal_chunk_size",
     "seed",
+    "local_window",
 )
 # MultiHeadAttention config entries that FavorAttention takes as they are.
 _SHARED_CONFIG = (
@@ -163,8 +164,9 @@ def to_favor(model, **favor_attention_kwargs):
     Args:
         model: a functional (or sequential) `keras.Model`, built.
         **favor_attention_kwargs: FAVOR options of the new attention layers: `feature_map`,
-            `num_random_features`, `orthogonal`, `row_norms`, `causal_chunk_size` and `seed`
-            (see `FavorAttention`). An int `seed` gives the i-th converted layer (in the order
+            `num_random_features`, `orthogonal`, `row_norms`, `causal_chunk_size`, `seed` and
+            `local_window` (exact softmax over neighbours, the map beyond them; self-attention
+            only) (see `FavorAttention`). An int `seed` gives the i-th converted layer (in the order
             of `model.layers`) the seed `seed + i`. Blocks keep their own options unless given.
 
     Returns:

@@ -15,6 +15,7 @@ from keras_favor._checks import seed as check_seed
 from keras_favor.layers._masks import check_attention_mask
 from keras_favor.layers._rotary_attention import RotaryFavorAttention, RotaryMultiHeadAttention
 from keras_favor.layers.favor_attention import FavorAttention
+from keras_favor.ops.linear_attention import check_local_window
 from keras_favor.ops.random_features import ROW_NORMS, derive_seed
 
 # Sub-seeds of a block: index 0 self-attention, 1 cross-attention, 2.. dropouts.
@@ -104,7 +105,7 @@ def hidden_dim_of(shape, name, num_heads, use_rotary_embedding):
     return hidden_dim, key_dim
 
 
-def make_attention(block, key_dim, seed_index, name, rotary, decay=None):
+def make_attention(block, key_dim, seed_index, name, rotary, decay=None, local_window=None):
     """The block's attention layer (RoPE-capable if `rotary`).
 
     A `FavorAttention` with the block's options (and `decay`), or, with
@@ -136,6 +137,8 @@ def make_attention(block, key_dim, seed_index, name, rotary, decay=None):
     )
     if decay is not None:
         kwargs["decay"] = decay
+    if local_window is not None:
+        kwargs["local_window"] = local_window
     if rotary:
         return RotaryFavorAttention(rotary_max_wavelength=block.rotary_max_wavelength, **kwargs)
     return FavorAttention(**kwargs)
@@ -161,6 +164,7 @@ def block_config(block):
         "rotary_max_wavelength": block.rotary_max_wavelength,
         "seed": block.seed,
         "attention_type": block.attention_type,
+        "local_window": block.local_window,
     }
 
 
@@ -186,6 +190,7 @@ class FavorBlockBase(keras.layers.Layer):
         rotary_max_wavelength=10000,
         seed=None,
         attention_type="favor",
+        local_window=None,
         **kwargs,
     ):
         activation, kernel_initializer, bias_initializer, feature_map = validate_block_args(
@@ -207,6 +212,13 @@ class FavorBlockBase(keras.layers.Layer):
             seed=seed,
             attention_type=attention_type,
         )
+        if local_window is not None and attention_type != "favor":
+            raise ValueError(
+                "Argument `local_window` (exact attention within the window, FAVOR beyond it) "
+                "needs attention_type='favor'. Received: "
+                f"local_window={local_window!r}, attention_type={attention_type!r}"
+            )
+        check_local_window(local_window)
         super().__init__(**kwargs)
         self.intermediate_dim = intermediate_dim
         self.num_heads = num_heads
@@ -225,6 +237,7 @@ class FavorBlockBase(keras.layers.Layer):
         self.rotary_max_wavelength = rotary_max_wavelength
         self.seed = seed
         self.attention_type = attention_type
+        self.local_window = local_window
         self.supports_masking = True
 
     def _checked_attention_mask(self, mask, name, keys):
@@ -238,7 +251,13 @@ class FavorBlockBase(keras.layers.Layer):
         """Builds the self-attention sub-layer, its layer norm and dropout; returns the key dim."""
         _, key_dim = hidden_dim_of(shape, name, self.num_heads, self.use_rotary_embedding)
         self._self_attention_layer = make_attention(
-            self, key_dim, SELF_ATTENTION, "self_attention", self.use_rotary_embedding, decay
+            self,
+            key_dim,
+            SELF_ATTENTION,
+            "self_attention",
+            self.use_rotary_embedding,
+            decay,
+            self.local_window,
         )
         self._self_attention_layer.build(shape, shape)
         self._self_attention_layer_norm = self._layer_norm("self_attention_layer_norm", shape)

@@ -13,6 +13,7 @@ from keras_favor import _checks
 from keras_favor import feature_maps as feature_maps_lib
 from keras_favor.layers._masks import check_attention_mask, get_keras_mask, set_keras_mask
 from keras_favor.ops.linear_attention import (
+    check_local_window,
     check_padding_mask,
     favor_attention,
     favor_attention_step,
@@ -146,6 +147,17 @@ class FavorAttention(keras.layers.MultiHeadAttention):
             head's reach. Exact in the chunked causal form and in `step`, at the same cost and
             state size. Calling a layer with a decay without `use_causal_mask=True` raises a
             ValueError.
+        local_window: None (default) or a positive int w: exact softmax over neighbours, the
+            feature map beyond them (a hybrid in the manner of LoLCATs, arXiv 2410.10254).
+            Query t weighs the keys with |t − s| < w (causal: the last w, itself included)
+            exactly, exp(q_t·k_s/√H − c_t) with c_t their largest score, and every other key
+            by the map's kernel α_t·φ(q_t)·φ(k_s), where α_t = Σ_window exp(·) / Σ_window
+            φ(q_t)·φ(k_s) calibrates the kernel on the window (so any map mixes with exact
+            weights: its per-query and per-sequence scales cancel); one normaliser for both.
+            The map thus decides how much attention goes beyond the window, exact softmax how
+            it is spread within. A window covering the whole sequence is exact softmax. Cost
+            O(L·w) more than FAVOR; streaming keeps the last w keys and values in the state
+            (`state_size` 4). Self-attention only (queries and keys of the same length).
         seed: None or an int. None gives every layer its own random projection; an int makes the
             projection reproducible: the first one equals
             `keras_favor.ops.random_features_matrix(num_random_features, key_dim, seed=seed)` and
@@ -233,6 +245,7 @@ class FavorAttention(keras.layers.MultiHeadAttention):
         seed=None,
         attention_axes=None,
         decay=None,
+        local_window=None,
         **kwargs,
     ):
         _checks.positive_int(num_heads, "num_heads")
@@ -258,6 +271,7 @@ class FavorAttention(keras.layers.MultiHeadAttention):
         _checks.positive_int(causal_chunk_size, "causal_chunk_size")
         _checks.seed(seed)
         head_decay(decay, num_heads)
+        check_local_window(local_window)
         _check_inert_arguments(kwargs)
         # What the map does not declare is inferred now, so that a map that cannot run fails here.
         feature_map.output_dim(key_dim, num_random_features)
@@ -281,6 +295,7 @@ class FavorAttention(keras.layers.MultiHeadAttention):
         self.row_norms = row_norms
         self.causal_chunk_size = causal_chunk_size
         self.decay = list(decay) if isinstance(decay, tuple) else decay
+        self.local_window = local_window
         # Only an unseeded layer draws from a generator; a seeded one derives its seeds.
         self._seed_generator = keras.random.SeedGenerator(None) if seed is None else None
         self.projection_matrix = None
@@ -303,6 +318,7 @@ class FavorAttention(keras.layers.MultiHeadAttention):
             "row_norms": self.row_norms,
             "causal_chunk_size": self.causal_chunk_size,
             "decay": self.decay,
+            "local_window": self.local_window,
         }
 
     # ----------------------------------------------------------------------------------------
@@ -504,6 +520,7 @@ class FavorAttention(keras.layers.MultiHeadAttention):
             key_padding_mask=attention_mask,
             chunk_size=self.causal_chunk_size,
             decay=self.decay,
+            local_window=self.local_window,
         )  # computed in float32, returned in the compute dtype
         if self._dropout > 0.0:
             output = self._dropout_layer(output, training=training)
@@ -564,6 +581,7 @@ class FavorAttention(keras.layers.MultiHeadAttention):
             self._value_dim,
             self.feature_map,
             self.num_random_features,
+            self.local_window,
         )
 
     def step(self, query, value, state, key=None):
@@ -593,10 +611,12 @@ class FavorAttention(keras.layers.MultiHeadAttention):
                     f"Argument `{name}` of `step` must have rank 2 (batch, features): one "
                     f"position. Received: {name}.shape={tuple(x.shape)}"
                 )
-        if not isinstance(state, (tuple, list)) or len(state) != 2:
+        size = self.state_size
+        if not isinstance(state, (tuple, list)) or len(state) != size:
             raise ValueError(
-                "Argument `state` must be the pair (S, z) from `get_initial_state` or `step`. "
+                f"Argument `state` must be the {size} arrays from `get_initial_state` or `step`. "
                 f"Received: state={type(state).__name__}"
+                + (f" of length {len(state)}" if isinstance(state, (tuple, list)) else "")
             )
         query, value, key = (
             ops.expand_dims(ops.convert_to_tensor(x, dtype=self.compute_dtype), 1)
@@ -623,7 +643,13 @@ class FavorAttention(keras.layers.MultiHeadAttention):
             self.feature_map,
             self.projection_matrix,
             decay=self.decay,
+            local_window=self.local_window,
         )
+
+    @property
+    def state_size(self):
+        """How many arrays the decoding state has: 2 (S, z), or 4 with a `local_window`."""
+        return 2 if self.local_window is None else 4
 
 
 def _check_input_shapes(query_shape, value_shape, key_shape):

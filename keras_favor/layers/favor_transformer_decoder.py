@@ -50,6 +50,9 @@ class FavorTransformerDecoder(FavorBlockBase):
             block's weights load into a FAVOR block; the FAVOR options are then unused,
             `dropout` drops attention probabilities (as in `MultiHeadAttention`), and there is
             no streaming decoding (`get_initial_state` and `step` raise a ValueError).
+        local_window: None (default) or a positive int w: the self-attention is exact softmax
+            over neighbours (|t − s| < w) and FAVOR beyond (see `FavorAttention`); needs
+            `attention_type="favor"` and a map with a fixed-scale kernel (e.g. `"hedgehog"`).
         decay: a per-head decay of the causal self-attention's state (see `FavorAttention`):
             None (default), `"retnet"`, one number in (0, 1] or a list of `num_heads` of them.
             Needs `attention_type="favor"`; calling the block with `use_causal_mask=False`
@@ -323,7 +326,8 @@ class FavorTransformerDecoder(FavorBlockBase):
         inputs = ops.convert_to_tensor(inputs, dtype=self.compute_dtype)
         attention = self._self_attention_layer
         old_state = tuple(state)
-        expected = 2 if self._causal_conv is None else 3
+        size = attention.state_size
+        expected = size + (self._causal_conv is not None)
         if len(old_state) != expected:
             raise ValueError(
                 f"Argument `state` must be the {expected} arrays from `get_initial_state` or "
@@ -335,12 +339,12 @@ class FavorTransformerDecoder(FavorBlockBase):
             nonlocal new_state
             conv_state = ()
             if self._causal_conv is not None:
-                x, buffer = self._causal_conv.step(x, old_state[2])
+                x, buffer = self._causal_conv.step(x, old_state[size])
                 conv_state = (buffer,)
             if self.use_rotary_embedding:
-                out, attention_state = attention.step(x, x, old_state[:2], position=position)
+                out, attention_state = attention.step(x, x, old_state[:size], position=position)
             else:
-                out, attention_state = attention.step(x, x, old_state[:2])
+                out, attention_state = attention.step(x, x, old_state[:size])
             new_state = tuple(attention_state) + conv_state
             return out
 

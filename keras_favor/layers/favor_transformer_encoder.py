@@ -44,6 +44,9 @@ class FavorTransformerEncoder(FavorBlockBase):
             sub-layers and weights, so a softmax block's weights load into a FAVOR block (and a
             pretrained BERT-style model converts to one); the FAVOR options are then unused and
             `dropout` drops attention probabilities, as in `MultiHeadAttention`.
+        local_window: None (default) or a positive int w: the self-attention is exact softmax
+            over neighbours (|t − s| < w) and FAVOR beyond (see `FavorAttention`); needs
+            `attention_type="favor"` and a map with a fixed-scale kernel (e.g. `"hedgehog"`).
         **kwargs: standard `keras.layers.Layer` arguments (`name`, `dtype`, ...).
 
     Call arguments:

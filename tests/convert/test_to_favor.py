@@ -93,6 +93,31 @@ def test_outputs_equal_where_favor_is_exact():
             )
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_a_local_window_covering_the_input_keeps_the_outputs(causal):
+    # The hybrid is exact softmax inside its window: with the window over the whole input the
+    # converted model equals the original (MHA layers and softmax blocks alike); a narrow window
+    # differs, and reaches every converted layer and block.
+    model = mha_model(causal)
+    x = ids(2, 7)
+    want = to_numpy(model(x))
+    wide = to_favor(model, feature_map="hedgehog", seed=0, local_window=7)
+    np.testing.assert_allclose(to_numpy(wide(x)), want, atol=2e-6)
+    narrow = to_favor(model, feature_map="softmax_positive", seed=0, local_window=2)
+    assert [layer.local_window for layer in narrow.layers if isinstance(layer, FavorAttention)] == [
+        2,
+        2,
+    ]
+    assert np.abs(to_numpy(narrow(x)) - want).max() > 1e-3
+    inputs = keras.Input((None, WIDTH))
+    block = FavorTransformerEncoder(16, 2, attention_type="softmax", seed=1, name="encoder")
+    blocks = keras.Model(inputs, block(inputs))
+    converted = to_favor(blocks, feature_map="hedgehog", local_window=5)
+    assert converted.get_layer("encoder").local_window == 5
+    sequence = data(2, 5, WIDTH)
+    np.testing.assert_allclose(to_numpy(converted(sequence)), to_numpy(blocks(sequence)), atol=2e-6)
+
+
 def test_outputs_equal_a_hand_built_favor_model():
     # The same model built directly with FavorAttention and given the MHA weights.
     model = mha_model(causal=True)

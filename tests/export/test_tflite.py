@@ -166,6 +166,24 @@ def test_decay_and_causal_conv_language_model(tmp_path):
     assert sorted(inputs) == ["position"] + [f"state_{i}" for i in range(6)] + ["token_ids"]
 
 
+def test_local_window_hedgehog_language_model(tmp_path):
+    """The exact local window with a learnable map, RoPE and left padding: `.keras` bit-exact,
+    SavedModel and builtin-only TFLite, full forward and decode steps (the window's last keys
+    and values in the state)."""
+
+    model = language_model(
+        position=None, rotary=True, mask_zero=True, local_window=3, feature_map="hedgehog"
+    )
+    ids = random_ids(2, 8, seed=6)
+    ids[1, :2] = 0  # left padding
+    want = _np(model(ids))
+    model.save(tmp_path / "lm.keras")
+    np.testing.assert_array_equal(_np(keras.saving.load_model(tmp_path / "lm.keras")(ids)), want)
+    runner = _check_decoder_exports(model, ids, tmp_path)
+    inputs, _ = runner.signature("decode_step")
+    assert sorted(inputs) == ["position"] + [f"state_{i}" for i in range(10)] + ["token_ids"]
+
+
 def _attention_decode(model):
     """Decode signatures of `attention_model(causal=True)` around `FavorAttention.step`."""
     attention, dense = model.get_layer("attention"), model.get_layer("logits")

@@ -71,6 +71,7 @@ ALL_ARGUMENTS = dict(
     seed=7,
     attention_axes=1,  # the one axis FAVOR attends over, given explicitly
     decay=[0.9, 0.5],
+    local_window=2,
 )
 # `output_shape` is not an attribute (Functional summaries read that name, as for
 # MultiHeadAttention); `activity_regularizer` is the base layer's attribute, left None because the
@@ -88,7 +89,7 @@ class TestHarness(TestCase):
         )
         assert layer.feature_map.__class__.__name__ == "SoftmaxHyperbolic"
         assert layer.value_dim == 3 and layer.seed == 7 and layer.causal_chunk_size == 3
-        assert layer.decay == [0.9, 0.5]
+        assert layer.decay == [0.9, 0.5] and layer.local_window == 2
 
     @pytest.mark.heavy
     @pytest.mark.parametrize("causal", [False, True])
@@ -838,3 +839,44 @@ def test_decay_without_causal_mask_names_both_arguments():
 def test_invalid_decay(decay):
     with pytest.raises(ValueError, match=r"argument `decay`.*Received: decay="):
         FavorAttention(num_heads=2, key_dim=4, decay=decay)
+
+
+# ---------------------------------------------------------------------------------------------
+# Local exact window
+
+
+@pytest.mark.parametrize("feature_map", ["softmax_positive", "hedgehog"])
+def test_local_window_equals_the_op_streams_and_saves(feature_map, tmp_path):
+    layer = FavorAttention(
+        2, 4, num_random_features=16, seed=0, feature_map=feature_map, local_window=3
+    )
+    x = data(2, 9, 6)
+    inputs = keras.Input((None, 6))
+    model = keras.Model(inputs, layer(inputs, inputs, use_causal_mask=True))
+    full = to_numpy(model(x))
+    plain = FavorAttention(2, 4, num_random_features=16, seed=0, feature_map=feature_map)
+    plain(x, x)
+    plain.set_weights(layer.get_weights())
+    assert np.abs(to_numpy(plain(x, x, use_causal_mask=True)) - full).max() > 1e-3
+    assert layer.state_size == 4 and plain.state_size == 2
+    state = layer.get_initial_state(2)
+    for t in range(9):
+        out, state = layer.step(x[:, t], x[:, t], state)
+        np.testing.assert_allclose(to_numpy(out), full[:, t], atol=1e-5)
+    model.save(tmp_path / "m.keras")
+    loaded = keras.saving.load_model(tmp_path / "m.keras")
+    np.testing.assert_array_equal(to_numpy(loaded(x)), full)
+    with pytest.raises(ValueError, match=r"`state` must be the 4 arrays.*of length 2"):
+        layer.step(x[:, 0], x[:, 0], plain.get_initial_state(2))
+
+
+def test_local_window_refuses_cross_attention_of_other_lengths():
+    layer = FavorAttention(2, 4, num_random_features=8, local_window=2)
+    with pytest.raises(ValueError, match=r"`local_window`.*same length.*local_window=2"):
+        layer(data(2, 5, 6), data(2, 7, 6))
+
+
+@pytest.mark.parametrize("local_window", [0, -1, 1.5, "4"])
+def test_invalid_local_window(local_window):
+    with pytest.raises(ValueError, match=r"local_window.*Received: local_window="):
+        FavorAttention(num_heads=2, key_dim=4, local_window=local_window)

@@ -35,13 +35,13 @@ ALL_ARGUMENTS = dict(
     seed=3,
     causal_conv_kernel_size=3,
 )
-# decay only applies to FAVOR: a softmax block refuses one.
-FAVOR_ONLY = dict(decay=[0.9, 0.5])
+# decay and local_window only apply to FAVOR: a softmax block refuses them.
+FAVOR_ONLY = dict(decay=[0.9, 0.5], local_window=3)
 
 
 def non_default_arguments(kwargs, attention_type):
     """ALL_ARGUMENTS for `attention_type`; every argument non-default but attention_type
-    ('favor') or decay ('softmax'), which is checked here instead of by the harness."""
+    ('favor') or FAVOR_ONLY ('softmax'), which is checked here instead of by the harness."""
     kwargs = dict(kwargs, attention_type=attention_type)
     if attention_type == "favor":
         kwargs.update(FAVOR_ONLY)
@@ -50,7 +50,7 @@ def non_default_arguments(kwargs, attention_type):
         for name, default in init_arguments(FavorTransformerDecoder).items()
         if name not in kwargs or kwargs[name] == default
     }
-    assert defaults == ({"attention_type"} if attention_type == "favor" else {"decay"})
+    assert defaults == ({"attention_type"} if attention_type == "favor" else set(FAVOR_ONLY))
     return kwargs
 
 
@@ -529,3 +529,67 @@ def test_convolution_by_default_and_configs_saved_without_it_load_without_it():
         FavorTransformerDecoder(**SMALL, causal_conv_kernel_size=None).causal_conv_kernel_size
         is None
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Local exact window
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"local_window": 3, "feature_map": "hedgehog", "causal_chunk_size": 2},
+        {"local_window": 1, "use_rotary_embedding": True, "decay": "retnet"},
+        {"local_window": 4, "feature_map": "elu", "causal_conv_kernel_size": None},
+    ],
+    ids=["hedgehog_conv", "rope_decay_conv", "elu_noconv"],
+)
+def test_local_window_step_equals_call(kwargs):
+    decoder = FavorTransformerDecoder(**{**SMALL, **kwargs})
+    x = data(2, 9, 8)
+    decoder(x)
+    if decoder._causal_conv is not None:
+        perturbed_conv(decoder)
+    full = to_numpy(decoder(x))
+    state = decoder.get_initial_state(2)
+    shapes = [tuple(s.shape) for s in state]
+    window = kwargs["local_window"]
+    assert shapes[2:4] == [(2, 2, window, 4), (2, 2, window, 5)]  # last keys, values + 1
+    assert len(shapes) == 4 + (decoder._causal_conv is not None)
+    for t in range(9):
+        out, state = decoder.step(x[:, t], state, position=t)
+        np.testing.assert_allclose(to_numpy(out), full[:, t], atol=1e-5, rtol=0)
+        assert [tuple(s.shape) for s in state] == shapes  # fixed size
+
+
+@pytest.mark.parametrize("left", [False, True])
+def test_local_window_padding_equals_truncation(left):
+    decoder = FavorTransformerDecoder(**SMALL, local_window=2, feature_map="hedgehog")
+    x = data(2, 7, 8)
+    real = slice(3, None) if left else slice(None, 4)
+    mask = np.zeros((2, 7), bool)
+    mask[:, real] = True
+    out = to_numpy(decoder(x, decoder_padding_mask=mask))
+    np.testing.assert_allclose(out[:, real], to_numpy(decoder(x[:, real])), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("use_rotary_embedding", [False, True])
+def test_a_window_covering_the_sequence_equals_the_softmax_block(use_rotary_embedding):
+    kwargs = dict(SMALL, use_rotary_embedding=use_rotary_embedding)
+    softmax = FavorTransformerDecoder(**kwargs, attention_type="softmax")
+    hybrid = FavorTransformerDecoder(**kwargs, local_window=6, feature_map="hedgehog")
+    x = data(2, 6, 8)
+    softmax(x)
+    hybrid(x)
+    hybrid_weights = {w.path.split("/", 1)[1]: w for w in hybrid.weights}
+    for w in softmax.weights:  # the hybrid has the map's weights besides
+        hybrid_weights[w.path.split("/", 1)[1]].assign(w)
+    np.testing.assert_allclose(to_numpy(hybrid(x)), to_numpy(softmax(x)), atol=2e-6)
+    assert FavorTransformerDecoder.from_config(hybrid.get_config()).local_window == 6
+
+
+def test_local_window_needs_favor_attention():
+    with pytest.raises(ValueError, match=r"`local_window`.*attention_type='softmax'"):
+        FavorTransformerDecoder(**SMALL, local_window=4, attention_type="softmax")
+    with pytest.raises(ValueError, match=r"local_window.*Received: local_window=0"):
+        FavorTransformerDecoder(**SMALL, local_window=0)

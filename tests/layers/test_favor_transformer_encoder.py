@@ -11,7 +11,7 @@ from keras_favor.feature_maps import SoftmaxOptimal
 from keras_favor.layers import FavorTransformerEncoder, RotaryEmbedding
 from keras_favor.ops import favor_attention
 from tests.layers import softmax_reference
-from tests.testing import TestCase, data, to_numpy
+from tests.testing import TestCase, data, init_arguments, to_numpy
 
 ALL_ARGUMENTS = dict(
     intermediate_dim=12,
@@ -39,14 +39,23 @@ class TestHarness(TestCase):
     @pytest.mark.heavy
     @pytest.mark.parametrize("attention_type", ["favor", "softmax"])
     def test_all_arguments_non_default(self, attention_type):
-        # "softmax" is the only non-default attention_type: with it every argument is
-        # non-default (the FAVOR options are unused but still serialized).
+        # "softmax" is the only non-default attention_type: with it every argument but
+        # local_window (which a softmax block refuses) is non-default (the other FAVOR options
+        # are unused but still serialized); with "favor", local_window is set too.
+        kwargs = dict(ALL_ARGUMENTS, attention_type=attention_type)
+        if attention_type == "favor":
+            kwargs["local_window"] = 2
+        defaults = {
+            name
+            for name, default in init_arguments(FavorTransformerEncoder).items()
+            if name not in kwargs or kwargs[name] == default
+        }
+        assert defaults == ({"attention_type"} if attention_type == "favor" else {"local_window"})
         self.run_layer_test(
             FavorTransformerEncoder,
-            dict(ALL_ARGUMENTS, attention_type=attention_type),
+            kwargs,
             data(2, 6, 8),
             (2, 6, 8),
-            require_all_non_default=attention_type == "softmax",
             expected_num_trainable_weights=16,  # 4 projections, 2 norms, 2 dense: kernel + bias
             # FAVOR: the projection ω and the redraw count; softmax: none.
             expected_num_non_trainable_weights=2 if attention_type == "favor" else 0,
@@ -331,3 +340,36 @@ def test_softmax_weights_load_into_favor_block(use_rotary_embedding):
     theirs = softmax.get_weights()
     spliced.set_weights(theirs[:attention_weights] + own + theirs[attention_weights:])
     np.testing.assert_array_equal(to_numpy(spliced(x)), to_numpy(favor(x)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Local exact window
+
+
+def test_local_window_padding_equals_truncation():
+    encoder = FavorTransformerEncoder(**SMALL, local_window=2, feature_map="hedgehog")
+    x = data(2, 7, 8)
+    mask = np.ones((2, 7), bool)
+    mask[1, 4:] = False
+    out = to_numpy(encoder(x, padding_mask=mask))
+    np.testing.assert_allclose(out[1, :4], to_numpy(encoder(x[1:, :4]))[0], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(out[0], to_numpy(encoder(x[:1]))[0], atol=1e-5, rtol=0)
+
+
+def test_a_window_covering_the_sequence_equals_the_softmax_block():
+    # Bidirectional: |t − s| < 6 covers every pair of 6 positions.
+    softmax = FavorTransformerEncoder(**SMALL, attention_type="softmax")
+    hybrid = FavorTransformerEncoder(**SMALL, local_window=6, feature_map="hedgehog")
+    x = data(2, 6, 8)
+    mask = np.array([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]], bool)
+    softmax(x)
+    hybrid(x)
+    hybrid_weights = {w.path.split("/", 1)[1]: w for w in hybrid.weights}
+    for w in softmax.weights:
+        hybrid_weights[w.path.split("/", 1)[1]].assign(w)
+    want = to_numpy(softmax(x, padding_mask=mask))
+    np.testing.assert_allclose(to_numpy(hybrid(x, padding_mask=mask)), want, atol=2e-6)
+    narrow = FavorTransformerEncoder.from_config({**hybrid.get_config(), "local_window": 2})
+    narrow(x)
+    narrow.set_weights(hybrid.get_weights())
+    assert np.abs(to_numpy(narrow(x, padding_mask=mask)) - want).max() > 1e-3
