@@ -21,12 +21,16 @@ and `tokenizers`; see `examples/convert_pretrained.py`). One run:
    the same training split, for at most as many epochs as the distillation, and reports the
    held-out figures before and after, beside softmax_positive's (`--hedgehog-ablation` adds the
    map's design choices: initialisation, shared or separate query / key maps, feature_dim).
+5. Converts it again with an exact local window (`local_window=w`: tokens with |t − s| < w
+   attend exactly, the map covers the rest; `--local-windows`, default 2 and 4): FAVOR+ without
+   training, and Hedgehog (F' = `--window-feature-dim`) after the same attention transfer, with
+   the share of (query, key) pairs the window covers on these short sentences.
 
 Prints a table and writes benchmarks/results/pretrained_compat.json and pretrained_compat.png.
 
     python benchmarks/pretrained_compat.py [--quick] [--torch-python PATH/TO/python] [--replot]
 
-About 5 to 10 minutes on 2 CPU cores (`--quick`: about 2).
+About 10 to 15 minutes on 2 CPU cores (`--quick`: about 3).
 """
 
 import argparse
@@ -66,6 +70,10 @@ HEDGEHOG_ABLATION = {
     "feature_dim 32 (= key dim)": {"feature_dim": None},
     "no bias": {"feature_dim": 64, "use_bias": False},
 }
+
+# The hybrid of section 5: exact attention over neighbours |t − s| < w, the map beyond them.
+LOCAL_WINDOWS = (2, 4)
+WINDOW_FEATURE_DIM = 128
 
 # Run with another Python that has sentence-transformers and PyTorch (a one-off reference).
 TORCH_SCRIPT = r"""
@@ -116,11 +124,14 @@ def favor_model(config, weights, feature_map, num_random_features, seed):
     return model
 
 
-def hedgehog_transfer(label, options, exact_model, evaluation, training, args):
-    """to_favor with Hedgehog(**options), attention transfer on `training`, held-out figures."""
+def hedgehog_transfer(label, options, exact_model, evaluation, training, args, local_window=None):
+    """to_favor with Hedgehog(**options) (and an exact `local_window`), attention transfer on
+    `training`, held-out figures."""
     eval_ids, eval_mask, exact_eval = evaluation
     train_ids, train_mask = training
-    start = to_favor(exact_model, feature_map=Hedgehog(**options), seed=0)
+    start = to_favor(
+        exact_model, feature_map=Hedgehog(**options), seed=0, local_window=local_window
+    )
     before = cp.compare(exact_eval, cp.embed(start, eval_ids, eval_mask))
     del start
     t0 = time.perf_counter()
@@ -132,6 +143,7 @@ def hedgehog_transfer(label, options, exact_model, evaluation, training, args):
         epochs=args.transfer_epochs,
         batch_size=args.transfer_batch_size,
         learning_rate=args.transfer_learning_rate,
+        local_window=local_window,
         seed=0,
     )
     seconds = time.perf_counter() - t0
@@ -139,6 +151,7 @@ def hedgehog_transfer(label, options, exact_model, evaluation, training, args):
     trained = sum(int(np.prod(w.shape)) for w in model.trainable_weights if "hedgehog" in w.path)
     row = {
         "label": label,
+        "local_window": local_window,
         "feature_map": feature_maps.serialize(Hedgehog(**options))["config"],
         "num_features": Hedgehog(**options).output_dim(
             exact_model.get_layer("transformer_layer_0")._self_attention_layer.key_dim
@@ -157,6 +170,16 @@ def hedgehog_transfer(label, options, exact_model, evaluation, training, args):
     }
     print(f"hedgehog ({label}): {before} -> {after} ({seconds:.0f} s)", flush=True)
     return row
+
+
+def pairs_in_window(padding_mask, window):
+    """The share of (query, key) pairs of real tokens with |t − s| < window."""
+    inside = total = 0
+    for length in padding_mask.sum(-1):
+        lag = np.abs(np.arange(length)[:, None] - np.arange(length)[None, :])
+        inside += int((lag < window).sum())
+        total += int(length) ** 2
+    return inside / total
 
 
 def summarise(rows):
@@ -225,8 +248,17 @@ def print_learnable_table(results):
             f"{fixed['seconds']:.0f} s",
         ),
     ]
-    for hh in results.get("hedgehog", []):
+    for hh in results.get("hedgehog", []) + results.get("local_window", []):
         name = f"hedgehog ({hh['label']}, {hh['num_features']} features)"
+        if hh.get("local_window"):
+            rows.append(
+                (
+                    f"softmax_positive M=256, window {hh['local_window']} "
+                    f"({100 * hh['pairs_in_window']:.0f} % of pairs exact), no training",
+                    hh["softmax_positive_untrained"],
+                    "-",
+                )
+            )
         rows.append((f"{name}, no training", hh["heldout_before"], "-"))
         rows.append(
             (
@@ -324,6 +356,19 @@ def main(argv=None):
     parser.add_argument("--transfer-learning-rate", type=float, default=1e-2)
     parser.add_argument(
         "--hedgehog-ablation", action="store_true", help="also run the HEDGEHOG_ABLATION variants"
+    )
+    parser.add_argument(
+        "--local-windows",
+        type=int,
+        nargs="*",
+        default=list(LOCAL_WINDOWS),
+        help="exact local windows to convert with (Hedgehog + transfer, and FAVOR+ untrained)",
+    )
+    parser.add_argument(
+        "--window-feature-dim",
+        type=int,
+        default=WINDOW_FEATURE_DIM,
+        help="Hedgehog's F' in the windowed conversions",
     )
     parser.add_argument(
         "--torch-python",
@@ -468,6 +513,30 @@ def main(argv=None):
                 hedgehog_transfer(label, options, exact_model, evaluation, training, args)
             )
             gc.collect()
+    windowed = []
+    for window in args.local_windows:
+        model = to_favor(
+            exact_model,
+            feature_map="softmax_positive",
+            num_random_features=256,
+            seed=0,
+            local_window=window,
+        )
+        untrained = cp.compare(exact_eval, cp.embed(model, eval_ids, eval_mask))
+        del model
+        row = hedgehog_transfer(
+            f"window {window}",
+            {**HEDGEHOG, "feature_dim": args.window_feature_dim},
+            exact_model,
+            evaluation,
+            training,
+            args,
+            local_window=window,
+        )
+        row["softmax_positive_untrained"] = untrained
+        row["pairs_in_window"] = pairs_in_window(eval_mask, window)
+        windowed.append(row)
+        gc.collect()
 
     results = {
         "run": run_info(
@@ -482,6 +551,8 @@ def main(argv=None):
             transfer_batch_size=args.transfer_batch_size,
             transfer_learning_rate=args.transfer_learning_rate,
             hedgehog_ablation=args.hedgehog_ablation,
+            local_windows=list(args.local_windows),
+            window_feature_dim=args.window_feature_dim,
             quick=args.quick,
         ),
         "model": {
@@ -512,6 +583,7 @@ def main(argv=None):
         "baseline_elu": baseline_elu,
         "finetune": finetune,
         "hedgehog": hedgehog,
+        "local_window": windowed,
         "total_seconds": time.perf_counter() - start,
     }
     print_table(results)

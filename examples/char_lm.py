@@ -205,9 +205,27 @@ CONVERTED = "exact_to_hedgehog"
 CONVERTED_DESCRIPTION = "`exact` converted: to_favor + attention_transfer (maps only)"
 
 
+# The conversions of `exact`: the learnable map alone, and with exact windows of 4 and 16 bytes.
+CONVERT_LOCAL_WINDOWS = (None, 4, 16)
+
+
+def converted_name(local_window=None):
+    """The row of `exact` converted with this exact local window (None: the map alone)."""
+    return CONVERTED if local_window is None else f"{CONVERTED}_window{local_window}"
+
+
+def is_converted(variant):
+    return variant == CONVERTED or variant.startswith(CONVERTED + "_window")
+
+
 def description(variant):
-    """The table's "attention" column of a variant (or of the converted model)."""
-    return CONVERTED_DESCRIPTION if variant == CONVERTED else VARIANTS[variant].description
+    """The table's "attention" column of a variant (or of a converted model)."""
+    if not is_converted(variant):
+        return VARIANTS[variant].description
+    if variant == CONVERTED:
+        return CONVERTED_DESCRIPTION
+    window = variant[len(CONVERTED + "_window") :]
+    return f"{CONVERTED_DESCRIPTION}, exact over the last {window} bytes (`local_window={window}`)"
 
 
 def build_model(
@@ -279,21 +297,27 @@ def convert_and_transfer(
     *,
     learning_rate=3e-2,
     feature_dim=256,
+    local_window=None,
     trained_steps=None,
     seed=0,
     verbose=1,
 ):
     """Converts the trained softmax `model` to FAVOR with learnable maps; returns its result row.
 
-    `to_favor(model, feature_map=Hedgehog(feature_dim))`, then `attention_transfer` for `steps`
-    batches of
-    `batch_size` random training windows (only the maps train), then the validation loss of
-    both models on `validation` (inputs, targets).
+    `to_favor(model, feature_map=Hedgehog(feature_dim), local_window=local_window)`, then
+    `attention_transfer` for `steps` batches of `batch_size` random training windows (only the
+    maps train), then the validation loss of both models on `validation` (inputs, targets).
     """
     val_x, val_y = validation
-    favor = to_favor(model, feature_map=Hedgehog(feature_dim=feature_dim), seed=seed)
+    favor = to_favor(
+        model,
+        feature_map=Hedgehog(feature_dim=feature_dim),
+        seed=seed,
+        local_window=local_window,
+    )
     windows = data.RandomWindows(corpus.train, sequence_length, batch_size, steps, seed + 1)
-    print(f"\n== {CONVERTED}: {CONVERTED_DESCRIPTION}, {steps} steps")
+    name = converted_name(local_window)
+    print(f"\n== {name}: {description(name)}, {steps} steps")
     start = time.perf_counter()
     history = attention_transfer(
         favor, model, windows, epochs=1, learning_rate=learning_rate, verbose=verbose
@@ -306,11 +330,12 @@ def convert_and_transfer(
     )
     trained = sum(int(np.prod(w.shape)) for w in favor.trainable_weights if "hedgehog" in w.path)
     print(
-        f"{CONVERTED}: validation {bpb:.3f} bits/byte vs {exact_bpb:.3f} for exact "
+        f"{name}: validation {bpb:.3f} bits/byte vs {exact_bpb:.3f} for exact "
         f"({100 * (bpb / exact_bpb - 1):+.2f} %), {seconds:.0f} s"
     )
     return {
-        "variant": CONVERTED,
+        "variant": name,
+        "local_window": local_window,
         "validation_bits_per_byte": bpb,
         "final_train_bits_per_byte": None,
         "train_seconds": seconds,
@@ -355,9 +380,13 @@ def merge_rows(previous, results):
     when `exact` is not in `results`: it belongs to the previous `exact` model."""
     rows = dict(previous)
     if any(row["variant"] == "exact" for row in results):
-        rows.pop(CONVERTED, None)
+        rows = {name: row for name, row in rows.items() if not is_converted(name)}
     rows.update((row["variant"], row) for row in results)
-    order = ["exact", CONVERTED, *(variant for variant in VARIANTS if variant != "exact")]
+    converted = sorted(
+        (name for name in rows if is_converted(name)),
+        key=lambda name: rows[name].get("local_window") or 0,
+    )
+    order = ["exact", *converted, *(variant for variant in VARIANTS if variant != "exact")]
     return [rows[name] for name in order if name in rows]
 
 
@@ -403,14 +432,16 @@ def write_results(output_dir, results, settings):
         "| train bits/byte (last epoch) | train time (s) | s/step |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for row in results:
-        if row["variant"] == CONVERTED:
-            header[1] = (
-                f"`{CONVERTED}`: {row['transfer_steps']} attention-transfer steps "
-                f"({100 * row['transfer_steps'] / settings['steps']:.0f} % of the training "
-                f"steps) on {row['trained_parameters']:,} feature-map parameters; validation "
-                f"bits/byte {100 * row['relative_to_exact']:+.2f} % relative to `exact`.\n"
-            )
+    notes = [
+        f"`{row['variant']}`: {row['transfer_steps']} attention-transfer steps "
+        f"({100 * row['transfer_steps'] / settings['steps']:.0f} % of the training "
+        f"steps) on {row['trained_parameters']:,} feature-map parameters; validation "
+        f"bits/byte {100 * row['relative_to_exact']:+.2f} % relative to `exact`."
+        for row in results
+        if is_converted(row["variant"])
+    ]
+    if notes:
+        header[1] = "\n".join(notes) + "\n"
     bits = {row["variant"]: row["validation_bits_per_byte"] for row in results}
 
     def relative(variant, reference):
@@ -496,6 +527,7 @@ def main(
     validation_windows=64,
     convert_steps=None,
     convert_learning_rate=3e-2,
+    convert_local_windows=CONVERT_LOCAL_WINDOWS,
     hedgehog_feature_dim=256,
     max_train_bytes=None,
     max_validation_bytes=None,
@@ -523,6 +555,9 @@ def main(
             like training's); None: `steps // 10`; 0: no conversion. Needs `exact` in
             `variants`.
         convert_learning_rate: Adam's learning rate for the attention transfer.
+        convert_local_windows: one conversion per entry: None (the map alone, row
+            `exact_to_hedgehog`) or w, an exact window over the last w bytes with the map
+            beyond it (`local_window=w`, row `exact_to_hedgehog_window<w>`).
         hedgehog_feature_dim: F', the projection width of the learnable maps (2F' features), in
             `favor_hedgehog` and in the conversion.
         max_train_bytes, max_validation_bytes: cap the corpus (None: all of it).
@@ -621,21 +656,23 @@ def main(
         )
         print(f"{variant}: validation {val_bpb[-1]:.3f} bits/byte, {seconds:.0f} s")
         if variant == "exact" and convert_steps != 0:
-            results.append(
-                convert_and_transfer(
-                    model,
-                    corpus,
-                    max(1, steps // 10) if convert_steps is None else convert_steps,
-                    batch_size,
-                    sequence_length,
-                    (val_x, val_y),
-                    learning_rate=convert_learning_rate,
-                    feature_dim=hedgehog_feature_dim,
-                    trained_steps=done,
-                    seed=seed,
-                    verbose=verbose,
+            for local_window in convert_local_windows:
+                results.append(
+                    convert_and_transfer(
+                        model,
+                        corpus,
+                        max(1, steps // 10) if convert_steps is None else convert_steps,
+                        batch_size,
+                        sequence_length,
+                        (val_x, val_y),
+                        learning_rate=convert_learning_rate,
+                        feature_dim=hedgehog_feature_dim,
+                        local_window=local_window,
+                        trained_steps=done,
+                        seed=seed,
+                        verbose=verbose,
+                    )
                 )
-            )
     table = merge_rows(previous, results)
     variants_in_table = [row["variant"] for row in table if row["variant"] in VARIANTS]
     paths = write_results(output_dir, table, {**settings, "variants": variants_in_table})
@@ -647,11 +684,20 @@ def main(
     return {"results": results, "paths": paths}
 
 
+def _window_argument(text):
+    """`--convert-local-windows none 4 16`: "none" (the map alone) or a window in bytes."""
+    return None if text.lower() == "none" else int(text)
+
+
 if __name__ == "__main__":
     main(
         **data.parse_main_arguments(
             main,
-            types={"max_train_bytes": int, "max_validation_bytes": int},
+            types={
+                "max_train_bytes": int,
+                "max_validation_bytes": int,
+                "convert_local_windows": _window_argument,
+            },
             choices={"variants": list(VARIANTS)},
         )
     )

@@ -616,6 +616,7 @@ def transfer(
     epochs=4,
     batch_size=8,
     learning_rate=1e-2,
+    local_window=None,
     seed=0,
     verbose=0,
 ):
@@ -624,11 +625,13 @@ def transfer(
     `to_favor` copies the model with `FavorAttention` in every block (same weights); then
     `attention_transfer` trains only the feature maps' weights so that each block's attention
     reproduces the exact block's attention output on these sentences (padded to the longest).
+    With `local_window`, the converted attention is exact over neighbours (|t − s| <
+    `local_window`) and the map covers the rest.
 
     Returns:
         (the FAVOR model, the Keras `History` of the transfer).
     """
-    favor = to_favor(exact_model, feature_map=feature_map, seed=seed)
+    favor = to_favor(exact_model, feature_map=feature_map, seed=seed, local_window=local_window)
     length = int(padding_mask.sum(-1).max())
     keras.utils.set_random_seed(seed)  # the shuffling
     history = attention_transfer(
@@ -658,6 +661,7 @@ def main(
     transfer_feature_map="hedgehog",
     transfer_batch_size=8,
     transfer_learning_rate=1e-2,
+    transfer_local_window=None,
     transfer_finetune_epochs=0,
     batch_size=32,
     seed=0,
@@ -682,6 +686,8 @@ def main(
         transfer_feature_map: the learnable feature map of that model.
         transfer_batch_size: sentences per attention-transfer batch.
         transfer_learning_rate: Adam's learning rate for attention transfer.
+        transfer_local_window: None, or the converted attention's exact local window (tokens
+            with |t − s| < w attend exactly, the map covers the rest; `FavorAttention`).
         transfer_finetune_epochs: epochs of distillation after the transfer (0: none).
         batch_size: sentences per batch.
         seed: random features (block i: seed + i) and shuffling.
@@ -779,6 +785,7 @@ def main(
             epochs=transfer_epochs,
             batch_size=transfer_batch_size,
             learning_rate=transfer_learning_rate,
+            local_window=transfer_local_window,
             seed=seed,
         )
         results["transfer"] = {
@@ -788,6 +795,7 @@ def main(
             "epochs": transfer_epochs,
             "batch_size": transfer_batch_size,
             "learning_rate": transfer_learning_rate,
+            "local_window": transfer_local_window,
             "train_loss": [float(v) for v in history.history["loss"]],
             "heldout_after": compare(
                 exact[test], embed(converted, token_ids[test], padding_mask[test])
@@ -836,6 +844,12 @@ def parse_args(argv=None):
     parser.add_argument("--transfer-feature-map", default="hedgehog")
     parser.add_argument("--transfer-batch-size", type=int, default=8)
     parser.add_argument("--transfer-learning-rate", type=float, default=1e-2)
+    parser.add_argument(
+        "--transfer-local-window",
+        type=int,
+        default=None,
+        help="exact attention over neighbours |t - s| < W in the converted model (default: none)",
+    )
     parser.add_argument("--transfer-finetune-epochs", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
@@ -858,6 +872,7 @@ if __name__ == "__main__":
         transfer_feature_map=args.transfer_feature_map,
         transfer_batch_size=args.transfer_batch_size,
         transfer_learning_rate=args.transfer_learning_rate,
+        transfer_local_window=args.transfer_local_window,
         transfer_finetune_epochs=args.transfer_finetune_epochs,
         batch_size=args.batch_size,
         seed=args.seed,

@@ -268,16 +268,17 @@ class FavorTransformerDecoder(FavorBlockBase):
         """The empty decoding state of the causal self-attention: (S, z), float32 zeros.
 
         S is (B, N, F, D) and z is (B, N, F), with N heads, D = E // N and F the number of
-        features of the map (M for `"softmax_positive"`). With `causal_conv_kernel_size=k`, a
-        third entry holds the convolution's last k − 1 inputs, (B, k − 1, E). Their size does
-        not depend on how many tokens are decoded.
+        features of the map (M for `"softmax_positive"`). With `local_window=w`, two more
+        entries hold the window's last w keys (B, N, w, D) and values (B, N, w, D + 1). With
+        `causal_conv_kernel_size=k`, a last entry holds the convolution's last k − 1 inputs,
+        (B, k − 1, E). Their size does not depend on how many tokens are decoded.
 
         Args:
             batch_size: B, a positive int or a scalar integer tensor (e.g. inside a serving
                 function, where the batch size is only known at run time).
 
         Returns:
-            The tuple (S, z), or (S, z, conv_buffer) with a convolution.
+            The tuple (S, z), then (K, V1) with a window, then conv_buffer with a convolution.
         """
         self._require_built("get_initial_state")
         state = tuple(self._self_attention_layer.get_initial_state(batch_size))

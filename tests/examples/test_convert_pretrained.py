@@ -79,14 +79,20 @@ def test_main_on_a_handful_of_sentences():
     assert len(transfer["finetune_loss"]) == 1
 
 
-def test_transfer_trains_only_the_maps(checkpoint):
+@pytest.mark.parametrize("local_window", [None, 2])
+def test_transfer_trains_only_the_maps(checkpoint, local_window):
     config, weights = checkpoint
     small = dict(config, num_hidden_layers=2)
     exact = cp.build_sentence_encoder(small, "softmax")
     cp.load_bert_weights(exact, weights, small)
     ids, mask = cp.tokenize(cp.load_tokenizer(max_length=32), cp.stdlib_sentences(6))
-    favor, history = cp.transfer(exact, ids, mask, epochs=1, batch_size=3)
+    favor, history = cp.transfer(
+        exact, ids, mask, epochs=1, batch_size=3, local_window=local_window
+    )
     assert len(history.history["loss"]) == 1
+    assert [favor.get_layer(f"transformer_layer_{i}").local_window for i in range(2)] == [
+        local_window
+    ] * 2
     exact_weights = {w.path: w for w in exact.weights}
     for w in favor.weights:
         if "hedgehog" in w.path or w.path.endswith("redraw_count"):
@@ -175,3 +181,5 @@ def test_parse_args():
     args = cp.parse_args(["--transfer-epochs", "3", "--transfer-learning-rate", "0.03"])
     assert args.transfer_epochs == 3 and args.transfer_learning_rate == 0.03
     assert args.transfer_feature_map == "hedgehog" and args.transfer_finetune_epochs == 0
+    assert args.transfer_local_window is None
+    assert cp.parse_args(["--transfer-local-window", "4"]).transfer_local_window == 4

@@ -269,10 +269,16 @@ CHAR_LM_TESTED = ("exact", "favor_default", "favor_hyperbolic_decay_conv_rope")
 @pytest.mark.slow
 def test_char_lm(tmp_path):
     result = char_lm.main(
-        variants=CHAR_LM_TESTED, convert_steps=3, output_dir=str(tmp_path), **TINY_TRAINING
+        variants=CHAR_LM_TESTED,
+        convert_steps=3,
+        convert_local_windows=(None, 2),
+        output_dir=str(tmp_path),
+        **TINY_TRAINING,
     )
     rows = {row["variant"]: row for row in result["results"]}
-    assert list(rows) == ["exact", char_lm.CONVERTED, *CHAR_LM_TESTED[1:]]
+    windowed = char_lm.converted_name(2)
+    assert windowed == "exact_to_hedgehog_window2"
+    assert list(rows) == ["exact", char_lm.CONVERTED, windowed, *CHAR_LM_TESTED[1:]]
     for name in CHAR_LM_TESTED:
         row = rows[name]
         assert finite(row["val_bits_per_byte"] + row["train_bits_per_byte"])
@@ -280,21 +286,30 @@ def test_char_lm(tmp_path):
         assert row["steps"] == [4, 8]
     key_dim = TINY_LM["width"] // TINY_LM["num_heads"]
     map_parameters = TINY_LM["num_blocks"] * 2 * TINY_LM["num_heads"] * (key_dim + 1) * 5
-    # The converted exact model: only the maps trained, for `convert_steps` steps.
-    converted = rows[char_lm.CONVERTED]
-    assert converted["transfer_steps"] == 3 and len(converted["transfer_loss"]) == 1
-    assert converted["trained_parameters"] == map_parameters
-    assert converted["steps"] == [8 + 3]
-    assert converted["exact_validation_bits_per_byte"] == pytest.approx(
-        rows["exact"]["validation_bits_per_byte"], rel=1e-5
+    # The converted exact model, without and with a window: only the maps trained, for
+    # `convert_steps` steps.
+    for name, window in ((char_lm.CONVERTED, None), (windowed, 2)):
+        converted = rows[name]
+        assert converted["local_window"] == window
+        assert converted["transfer_steps"] == 3 and len(converted["transfer_loss"]) == 1
+        assert converted["trained_parameters"] == map_parameters
+        assert converted["steps"] == [8 + 3]
+        assert converted["exact_validation_bits_per_byte"] == pytest.approx(
+            rows["exact"]["validation_bits_per_byte"], rel=1e-5
+        )
+        assert finite([converted["validation_bits_per_byte"], converted["relative_to_exact"]])
+    assert (
+        rows[windowed]["validation_bits_per_byte"]
+        != rows[char_lm.CONVERTED]["validation_bits_per_byte"]
     )
-    assert finite([converted["validation_bits_per_byte"], converted["relative_to_exact"]])
     for name in ("results.md", "results.csv", "results.json", "loss_curves.png"):
         assert os.path.getsize(tmp_path / name) > 0
     with open(tmp_path / "results.json") as f:
-        assert len(json.load(f)["results"]) == len(CHAR_LM_TESTED) + 1
+        assert len(json.load(f)["results"]) == len(CHAR_LM_TESTED) + 2
     table = (tmp_path / "results.md").read_text()
-    assert "attention-transfer steps" in table
+    assert table.count("attention-transfer steps") == 2
+    assert f"| `{windowed}` | {char_lm.description(windowed)} |" in table
+    assert "`local_window=2`" in char_lm.description(windowed)
     for name in CHAR_LM_TESTED:
         assert f"| `{name}` | {char_lm.VARIANTS[name].description} |" in table
     exact, default = (rows[n]["validation_bits_per_byte"] for n in ("exact", "favor_default"))
@@ -317,11 +332,12 @@ def test_char_lm(tmp_path):
     assert names == [
         "exact",
         char_lm.CONVERTED,
+        windowed,
         "favor_relu",
         "favor_default",
         "favor_hyperbolic_decay_conv_rope",
     ]
-    assert written["settings"]["variants"] == [n for n in names if n != char_lm.CONVERTED]
+    assert written["settings"]["variants"] == [n for n in names if not char_lm.is_converted(n)]
     assert written["results"][0] == json.loads(json.dumps(rows["exact"]))
     assert "| `favor_relu` |" in (tmp_path / "results.md").read_text()
 
