@@ -236,7 +236,9 @@ def hybrid_attention(
     top = np.where(np.isfinite(top), top, 0.0)
     exact = np.where(near, np.exp(np.where(near, scores, 0.0) - top), 0.0)
     kernel_mass = np.where(near, kernel, 0.0).sum(-1, keepdims=True)
-    alpha = np.where(kernel_mass > 0, exact.sum(-1, keepdims=True) / kernel_mass, 0.0)
+    alpha = np.where(
+        kernel_mass > 0, exact.sum(-1, keepdims=True) / np.where(kernel_mass > 0, kernel_mass, 1), 0
+    )
     weights = exact + alpha * np.where(far, kernel, 0.0)
     if decay is not None:
         weights = weights * decay_weights(decay, length)

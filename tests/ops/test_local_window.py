@@ -4,7 +4,8 @@ causal and bidirectional, over chunk sizes and window sizes; exact softmax when 
 covers the sequence; causality; padding; gradients; streaming; unknown lengths; bad input; and
 that the window brings random features closer to softmax.
 
-Sizes are tiny (B=2, N=2, H=8, D=3), as in `test_linear_attention`.
+Sizes are tiny (B=2, N=2, H=8, D=3), as in `test_linear_attention`. The JAX pass (which compiles
+every new shape) runs one representative of each test; the `heavy` rest runs on TensorFlow.
 """
 
 import keras
@@ -26,6 +27,12 @@ from tests.testing import assert_close_to_scale
 
 RATES = [0.6, 0.95]
 CASES = ["elu", "relu_deterministic", "user_squared", "softmax_positive", "softmax_hyperbolic"]
+heavy = pytest.mark.heavy
+
+
+def light_first(values, light=1):
+    """`values` as pytest params, all but the first `light` of them marked heavy."""
+    return [v if i < light else pytest.param(v, marks=heavy) for i, v in enumerate(values)]
 
 
 def hybrid(case, q, k, v, w, **kwargs):
@@ -41,13 +48,15 @@ def expected(case, q, k, v, w, window, **kwargs):
 
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize(
-    "length,window,chunk_size",
-    # window 1 (the query's own key only), windows that do or do not divide the length, a window
-    # longer than the sequence, chunks shorter and longer than the window, many chunks.
-    [(7, 1, 3), (10, 3, 4), (9, 4, 2), (5, 8, 128), (40, 3, 2)],
+    "shape",
+    # (length, window, chunk): windows that do or do not divide the length, window 1 (the
+    # query's own key only), a window longer than the sequence, chunks shorter and longer than
+    # the window, many chunks.
+    light_first([(10, 3, 4), (7, 1, 3), (9, 4, 2), (5, 8, 128), (40, 3, 2)]),
 )
-@pytest.mark.parametrize("case", CASES)
-def test_hybrid_equals_the_quadratic_computation(case, length, window, chunk_size, causal):
+@pytest.mark.parametrize("case", light_first(["softmax_positive", "elu", *CASES[1:3], CASES[4]], 2))
+def test_hybrid_equals_the_quadratic_computation(case, shape, causal):
+    length, window, chunk_size = shape
     q, k, v = inputs(length, scale=1.0)
     w = projection_for(case)
     out = hybrid(case, q, k, v, w, causal=causal, chunk_size=chunk_size, local_window=window)
@@ -55,7 +64,7 @@ def test_hybrid_equals_the_quadratic_computation(case, length, window, chunk_siz
     assert_close_to_scale(out, want, 2e-6)
 
 
-@pytest.mark.parametrize("case", ["elu", "softmax_positive", "softmax_optimal_rho"])
+@pytest.mark.parametrize("case", light_first(["softmax_positive", "elu", "softmax_optimal_rho"]))
 def test_decayed_hybrid_equals_the_quadratic_computation(case):
     q, k, v = inputs(13, scale=1.0)
     w = projection_for(case)
@@ -65,8 +74,8 @@ def test_decayed_hybrid_equals_the_quadratic_computation(case):
         assert_close_to_scale(out, want, 2e-6)
 
 
-@pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("case", ["elu", "softmax_positive"])
+@pytest.mark.parametrize("causal", light_first([True, False]))
+@pytest.mark.parametrize("case", light_first(["softmax_positive", "elu"]))
 def test_a_window_covering_the_sequence_is_exact_softmax(case, causal):
     q, k, v = inputs(9, scale=2.0)
     w = projection_for(case)
@@ -79,6 +88,7 @@ def test_a_window_covering_the_sequence_is_exact_softmax(case, causal):
     np.testing.assert_allclose(out, want, atol=2e-6)
 
 
+@heavy
 def test_the_window_brings_random_features_closer_to_softmax():
     # Over several draws of ω, the hybrid's error against exact softmax is below plain FAVOR+'s,
     # and shrinks as the window grows.
@@ -94,7 +104,7 @@ def test_the_window_brings_random_features_closer_to_softmax():
     assert mean[6] < mean[2] < mean[None], mean
 
 
-@pytest.mark.parametrize("case", ["elu", "softmax_positive"])
+@pytest.mark.parametrize("case", light_first(["softmax_positive", "elu"]))
 def test_causal_hybrid_ignores_every_later_token(case):
     q, k, v = inputs(12, scale=1.0)
     w = projection_for(case)
@@ -107,8 +117,8 @@ def test_causal_hybrid_ignores_every_later_token(case):
         np.testing.assert_allclose(out[:, : t + 1], base[:, : t + 1], atol=1e-6)
 
 
-@pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("case", ["elu", "softmax_positive"])
+@pytest.mark.parametrize("causal", light_first([True, False]))
+@pytest.mark.parametrize("case", light_first(["elu", "softmax_positive"]))
 def test_right_padding_equals_truncation(case, causal):
     q, k, v = inputs(11, scale=1.0)
     w = projection_for(case)
@@ -138,6 +148,7 @@ def test_left_padding_matches_the_reference():
     np.testing.assert_allclose(out, want, atol=2e-6)
 
 
+@heavy
 @pytest.mark.parametrize("causal", [False, True])
 def test_gradients_equal_autodiff_of_the_quadratic_form(causal):
     # The reference in keras ops (T×S matrices), differentiated by the backend.
@@ -187,9 +198,9 @@ def _features(name, q, k, w):
     return fm(q, k, w, causal=True)
 
 
-@pytest.mark.parametrize("decay", [None, RATES])
-@pytest.mark.parametrize("window", [1, 3, 20])
-@pytest.mark.parametrize("case", ["elu", "softmax_positive"])
+@pytest.mark.parametrize("decay", light_first([RATES, None]))
+@pytest.mark.parametrize("window", light_first([3, 1, 20]))
+@pytest.mark.parametrize("case", light_first(["softmax_positive", "elu"]))
 def test_step_reproduces_the_causal_hybrid(case, window, decay):
     q, k, v = inputs(11, scale=1.0)
     w = projection_for(case)
