@@ -22,7 +22,7 @@ and `tokenizers`; see `examples/convert_pretrained.py`). One run:
    held-out figures before and after, beside softmax_positive's (`--hedgehog-ablation` adds the
    map's design choices: initialisation, shared or separate query / key maps, feature_dim).
 5. Converts it again with an exact local window (`local_window=w`: tokens with |t − s| < w
-   attend exactly, the map covers the rest; `--local-windows`, default 2 and 4): FAVOR+ without
+   attend exactly, the map covers the rest; `--local-windows`, default 2, 4 and 8): FAVOR+ without
    training, and Hedgehog (F' = `--window-feature-dim`) after the same attention transfer, with
    the share of (query, key) pairs the window covers on these short sentences.
 
@@ -72,7 +72,7 @@ HEDGEHOG_ABLATION = {
 }
 
 # The hybrid of section 5: exact attention over neighbours |t − s| < w, the map beyond them.
-LOCAL_WINDOWS = (2, 4)
+LOCAL_WINDOWS = (2, 4, 8)
 WINDOW_FEATURE_DIM = 128
 
 # Run with another Python that has sentence-transformers and PyTorch (a one-off reference).

@@ -673,8 +673,16 @@ def _causal_unnormalised(
         low_dtype,
     )
 
+    return _causal_core(q_feat, k_feat, v1, finite, log_decay, (batch, num_chunks, length, pad))
+
+
+def _causal_core(q_feat, k_feat, v1, finite, log_decay, geometry):
+    """`_chunked_core` on (K·B, N, C, ·) rows: (B, T, N, D+1) float32. `geometry` is
+    (batch, num_chunks, length, pad)."""
+    batch, num_chunks, length, pad = geometry
+
     def split(x):  # (K·B, N, C, ·) -> (K, B, N, C, ·)
-        return ops.reshape(x, (num_chunks, batch, x.shape[1], chunk_size, x.shape[-1]))
+        return ops.reshape(x, (num_chunks, batch, x.shape[1], x.shape[2], x.shape[-1]))
 
     out = _chunked_core(split(q_feat), split(k_feat), split(v1), finite, log_decay)
     return _from_chunks_first(ops.cast(out, "float32"), batch, num_chunks, length, pad)
@@ -703,14 +711,11 @@ def _causal_from_features(q_feat, k_feat, v1, finite, chunk_size, log_decay):
     """Causal linear attention of (B, L, N, ·) features and value rows: (B, L, N, D+1) float32."""
     length = q_feat.shape[1] if q_feat.shape[1] is not None else ops.shape(q_feat)[1]
     chunk_size, num_chunks, pad = _chunk_geometry(length, chunk_size)
-    batch = ops.shape(q_feat)[0]
-
-    def chunks(x):  # (B, L, N, ·) -> (K, B, N, C, ·)
-        x = _to_chunks_first(x, chunk_size, num_chunks, pad)
-        return ops.reshape(x, (num_chunks, batch, x.shape[1], chunk_size, x.shape[-1]))
-
-    out = _chunked_core(chunks(q_feat), chunks(k_feat), chunks(v1), finite, log_decay)
-    return _from_chunks_first(ops.cast(out, "float32"), batch, num_chunks, length, pad)
+    geometry = (ops.shape(q_feat)[0], num_chunks, length, pad)
+    q_feat, k_feat, v1 = (
+        _to_chunks_first(x, chunk_size, num_chunks, pad) for x in (q_feat, k_feat, v1)
+    )
+    return _causal_core(q_feat, k_feat, v1, finite, log_decay, geometry)
 
 
 def _delayed(x, delay):
@@ -777,10 +782,7 @@ def _local_softmax(query, key, value, mask, q_feat, k_feat, k_scale, window, cau
     batch = ops.shape(query)[0]
     length = query.shape[1] if query.shape[1] is not None else ops.shape(query)[1]
     heads, key_dim = query.shape[2], query.shape[3]
-    if isinstance(length, int):
-        num_blocks = -(-length // window)
-    else:
-        num_blocks = (length + window - 1) // window
+    num_blocks = (length + window - 1) // window
     pad = num_blocks * window - length
 
     def blocks(x):  # (B, L, N, W) -> (B, K, C, N, W), zeros past the end
@@ -816,10 +818,7 @@ def _local_softmax(query, key, value, mask, q_feat, k_feat, k_scale, window, cau
     kernel = ops.einsum("bkqnf,bkjnf->bknqj", blocks(q_feat), neighbours(blocks(k_feat)))
     scale = ops.transpose(neighbours(blocks(k_scale)), (0, 1, 3, 4, 2))  # (B, K, N, 1, J)
     kernel_mass = ops.sum(ops.where(keep, kernel * scale, 0.0), axis=-1)  # (B, K, N, C)
-    exact_mass = ops.sum(exact, axis=-1)
-    alpha = ops.where(
-        kernel_mass > 0, exact_mass / ops.where(kernel_mass > 0, kernel_mass, 1.0), 0.0
-    )
+    alpha = _calibration(ops.sum(exact, axis=-1), kernel_mass)
     if log_decay is not None:
         exact = exact * ops.exp(ops.reshape(log_decay, (-1, 1, 1)) * lag.astype("float32"))
     near = ops.einsum("bknqj,bkjnd->bkqnd", exact, value_rows)  # (B, K, C, N, D+1)
@@ -830,6 +829,13 @@ def _local_softmax(query, key, value, mask, q_feat, k_feat, k_scale, window, cau
 
     alpha = ops.expand_dims(ops.transpose(alpha, (0, 1, 3, 2)), -1)  # (B, K, C, N, 1)
     return rows(near), rows(alpha)
+
+
+def _calibration(exact_mass, kernel_mass):
+    """α = exact_mass / kernel_mass, the kernel's scale on a window; 0 where the kernel has no
+    mass there (the window's exact weights then stand alone)."""
+    positive = kernel_mass > 0
+    return ops.where(positive, exact_mass / ops.where(positive, kernel_mass, 1.0), 0.0)
 
 
 def favor_initial_state(
@@ -983,11 +989,9 @@ def _windowed_step(query, key, value, state, feature_map, projection_matrix, log
     top = ops.max(ops.where(seen, scores, -np.inf), axis=-1, keepdims=True)  # the new key is seen
     exact = ops.where(seen, ops.exp(scores - top), 0.0)
     kernel = ops.where(seen, ops.einsum("bnf,bnjf->bnj", q_feat[:, :, 0], k_feat), 0.0)
-    exact_mass = ops.sum(exact, axis=-1, keepdims=True)  # (B, N, 1)
-    kernel_mass = ops.sum(kernel, axis=-1, keepdims=True)
-    alpha = ops.where(
-        kernel_mass > 0, exact_mass / ops.where(kernel_mass > 0, kernel_mass, 1.0), 0.0
-    )
+    alpha = _calibration(
+        ops.sum(exact, axis=-1, keepdims=True), ops.sum(kernel, axis=-1, keepdims=True)
+    )  # (B, N, 1)
     if log_decay is not None:
         lag = np.arange(window - 1, -1, -1).astype("float32")  # t − s of each slot
         exact = exact * ops.exp(ops.reshape(log_decay, (-1, 1)) * lag)
