@@ -88,6 +88,18 @@ def test_a_window_covering_the_sequence_is_exact_softmax(case, causal):
     np.testing.assert_allclose(out, want, atol=2e-6)
 
 
+@pytest.mark.parametrize("causal", light_first([True, False]))
+@pytest.mark.parametrize("case", light_first(["softmax_positive", "elu", "softmax_hyperbolic"]))
+def test_a_window_of_one_is_the_map_alone(case, causal):
+    # A window of one key (the query's own) holds no softmax to speak of: calibrated on that key,
+    # the hybrid's weights are the kernel's, so the output is plain linear attention.
+    q, k, v = inputs(11, scale=1.0)
+    w = projection_for(case)
+    plain = hybrid(case, q, k, v, w, causal=causal, chunk_size=4)
+    out = hybrid(case, q, k, v, w, causal=causal, chunk_size=4, local_window=1)
+    assert_close_to_scale(out, plain, 2e-6)
+
+
 @heavy
 def test_the_window_brings_random_features_closer_to_softmax():
     # Over several draws of ω, the hybrid's error against exact softmax is below plain FAVOR+'s,
