@@ -1,7 +1,7 @@
 """`python -m benchmarks NAME [ARGS]`: runs benchmarks/NAME.py's main with ARGS.
 
-Names: approximation, causal_bound, gpu_speed, layer_speed, long_context, ops_speed, pretrained_compat,
-scaling, serving_inference, tflite_inference.
+Names: approximation, causal_bound, gpu_speed, layer_speed, local_window_cost, long_context,
+ops_speed, pretrained_compat, scaling, serving_inference, tflite_inference.
 Each writes JSON (and PNG plots where it has them) under benchmarks/results/.
 """
 

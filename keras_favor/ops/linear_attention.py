@@ -718,13 +718,6 @@ def _causal_from_features(q_feat, k_feat, v1, finite, chunk_size, log_decay):
     return _causal_core(q_feat, k_feat, v1, finite, log_decay, geometry)
 
 
-def _delayed(x, delay):
-    """(B, L, ·) shifted later by `delay` positions along L, zeros first."""
-    pad = [[0, 0], [delay, 0]] + [[0, 0]] * (len(x.shape) - 2)
-    length = x.shape[1] if x.shape[1] is not None else ops.shape(x)[1]
-    return ops.pad(x, pad)[:, :length]
-
-
 def _hybrid(
     query, key, value, feature_map, projection_matrix, causal, mask, window, chunk_size, log_decay
 ):
@@ -735,49 +728,40 @@ def _hybrid(
     attention splits between the window and the rest, and exact softmax decides it within the
     window. Every per-query or per-sequence factor of the kernel (stabilisers, normalisers)
     cancels in α_t, so any map can be mixed with exact weights. Returns (B, T, N, D) float32.
-    The kernel part excludes the window's keys by construction (keys delayed by `window`
-    positions, then causal linear attention; bidirectional adds the same on the reversed
-    sequence), never by subtraction.
+
+    The kernel's part is linear attention over every key minus its terms on the window's keys
+    (computed with the window, from the same features). For positive maps the subtraction costs
+    float32 rounding of the kernel's total only: scaled by α_t that is rounding of the window's
+    exact mass, which the normaliser contains.
     """
     key_mask = None if mask is None else ops.expand_dims(mask, (1, 3))  # (B, 1, S, 1)
     q, k, v = _to_heads_first(query), _to_heads_first(key), _to_heads_first(value)
     q_feat, k_feat, v1, finite = _features(
-        feature_map, q, k, v, projection_matrix, True, key_mask, None
-    )  # (B, N, L, ·)
-    if key_mask is not None:
-        v1 = v1 * key_mask  # padded keys: zero rows, the ones column included (they are invalid)
-    q_feat, k_feat, v1 = (_to_heads_first(x) for x in (q_feat, k_feat, v1))  # (B, L, N, ·)
-
-    def outside(q_feat, k_feat, v1):  # keys s <= t − window
-        out = _causal_from_features(
-            q_feat, _delayed(k_feat, window), _delayed(v1, window), finite, chunk_size, log_decay
-        )
-        if log_decay is not None:  # the delayed key s + window weighs γ^(t − s − window)
-            out = out * ops.reshape(ops.exp(log_decay * window), (1, 1, -1, 1))
-        return out
-
-    far = outside(q_feat, k_feat, v1)
-    if not causal:
-
-        def flip(x):
-            return ops.flip(x, axis=1)
-
-        far = far + flip(outside(flip(q_feat), flip(k_feat), flip(v1)))
-    near, alpha = _local_softmax(
-        query, key, value, mask, q_feat, k_feat, v1[..., -1:], window, causal, log_decay
+        feature_map, q, k, v, projection_matrix, causal, key_mask, None
+    )  # (B, N, L, ·); padded keys have zero features
+    if causal:
+        q_feat, k_feat, v1 = (_to_heads_first(x) for x in (q_feat, k_feat, v1))  # (B, L, N, ·)
+        every = _causal_from_features(q_feat, k_feat, v1, finite, chunk_size, log_decay)
+    else:
+        every = ops.transpose(_non_causal(q_feat, k_feat, v1), (0, 2, 1, 3))  # (B, T, N, D+1)
+        q_feat, k_feat, v1 = (_to_heads_first(x) for x in (q_feat, k_feat, v1))
+    near, kernel_near, alpha = _local_softmax(
+        query, key, value, mask, q_feat, k_feat, v1, window, causal, log_decay
     )
-    return _normalise(near + alpha * far)
+    return _normalise(near + alpha * (ops.cast(every, "float32") - kernel_near))
 
 
-def _local_softmax(query, key, value, mask, q_feat, k_feat, k_scale, window, causal, log_decay):
-    """The window's exact part and the kernel's calibration, both (B, T, N, ·) float32.
+def _local_softmax(query, key, value, mask, q_feat, k_feat, v1, window, causal, log_decay):
+    """The window's exact part, the kernel's part on the window and its calibration.
 
-    Returns Σ_s exp(q_t·k_s/√H − c_t)·γ^(t−s)·[v_s, 1] over keys with |t − s| < window (causal:
-    0 <= t − s), c_t the largest of those scores, (B, T, N, D+1); and α_t (B, T, N, 1), the
-    window's exact mass Σ exp(·) over its kernel mass Σ φ(q_t)·φ(k_s) (0 when the latter is 0).
-    Blocks of `window` queries see the previous, their own and (bidirectional) the next block
-    of keys: O(L·window) time and memory. `mask` (B, S) float32 or None; `k_scale` (B, S, N, 1)
-    the keys' scales (ones for maps without one; 0 for padded keys).
+    Returns, (B, T, N, ·) float32: Σ_s exp(q_t·k_s/√H − c_t)·γ^(t−s)·[v_s, 1] over keys with
+    |t − s| < window (causal: 0 <= t − s), c_t the largest of those scores, (B, T, N, D+1); the
+    same sum with the kernel's weights φ(q_t)·φ(k_s) on the value rows v1 (those of the linear
+    part); and α_t (B, T, N, 1), the window's exact mass Σ exp(·) over its kernel mass (0 when
+    the latter is 0). Blocks of `window` queries see the previous, their own and (bidirectional)
+    the next block of keys: O(L·window) time and memory. `mask` (B, S) float32 or None;
+    q_feat, k_feat, v1 (B, L, N, ·) as the linear part has them (v1's last column: each key's
+    scale, 1 without one).
     """
     batch = ops.shape(query)[0]
     length = query.shape[1] if query.shape[1] is not None else ops.shape(query)[1]
@@ -796,39 +780,44 @@ def _local_softmax(query, key, value, mask, q_feat, k_feat, k_scale, window, cau
             parts.append(ops.concatenate([x[:, 1:], zeros], axis=1))
         return ops.concatenate(parts, axis=2)
 
+    def heads_last(x):  # (B, K, J, N, 1) -> (B, K, N, 1, J)
+        return ops.transpose(x, (0, 1, 3, 4, 2))
+
     if mask is None:
         mask = ops.ones((batch, length), dtype="float32")
     real = neighbours(
         blocks(ops.broadcast_to(ops.expand_dims(mask, (2, 3)), (batch, length, heads, 1)))
-    )
+    )  # (B, K, J, N, 1): 0 for padded keys and past the end
     value_rows = ops.concatenate([neighbours(blocks(value)) * real, real], axis=-1)
-    valid = ops.transpose(real, (0, 1, 3, 4, 2)) > 0  # (B, K, N, 1, J); False past the end
     width = 2 * window if causal else 3 * window
     lag = np.arange(window)[:, None] + window - np.arange(width)[None, :]  # t − s, (C, J)
     band = (lag >= 0) if causal else (lag > -window)
     band &= lag < window
-    keep = ops.logical_and(band, valid)  # (B, K, N, C, J)
+    keep = ops.logical_and(band, heads_last(real) > 0)  # (B, K, N, C, J)
 
     q = blocks(query) * (1.0 / math.sqrt(key_dim))
     scores = ops.einsum("bkqnh,bkjnh->bknqj", q, neighbours(blocks(key)))  # (B, K, N, C, J)
     top = ops.max(ops.where(keep, scores, -np.inf), axis=-1, keepdims=True)
     top = ops.where(ops.isfinite(top), top, 0.0)  # a query with no key in its window
     exact = ops.where(keep, ops.exp(ops.where(keep, scores, top) - top), 0.0)
-    # The kernel on the same pairs; a key's scale (factored maps) is its v1 row's last column.
     kernel = ops.einsum("bkqnf,bkjnf->bknqj", blocks(q_feat), neighbours(blocks(k_feat)))
-    scale = ops.transpose(neighbours(blocks(k_scale)), (0, 1, 3, 4, 2))  # (B, K, N, 1, J)
-    kernel_mass = ops.sum(ops.where(keep, kernel * scale, 0.0), axis=-1)  # (B, K, N, C)
-    alpha = _calibration(ops.sum(exact, axis=-1), kernel_mass)
+    kernel = ops.where(keep, kernel, 0.0)
+    v1 = neighbours(blocks(v1))  # (B, K, J, N, D+1)
+    alpha = _calibration(
+        ops.sum(exact, axis=-1), ops.sum(kernel * heads_last(v1[..., -1:]), axis=-1)
+    )  # (B, K, N, C)
     if log_decay is not None:
-        exact = exact * ops.exp(ops.reshape(log_decay, (-1, 1, 1)) * lag.astype("float32"))
+        decay = ops.exp(ops.reshape(log_decay, (-1, 1, 1)) * lag.astype("float32"))
+        exact, kernel = exact * decay, kernel * decay
     near = ops.einsum("bknqj,bkjnd->bkqnd", exact, value_rows)  # (B, K, C, N, D+1)
+    kernel_near = ops.einsum("bknqj,bkjnd->bkqnd", kernel, v1)
 
     def rows(x):  # (B, K, C, N, W) -> (B, T, N, W)
         x = ops.reshape(x, (batch, num_blocks * window, heads, x.shape[-1]))
         return x if isinstance(pad, int) and pad == 0 else x[:, :length]
 
     alpha = ops.expand_dims(ops.transpose(alpha, (0, 1, 3, 2)), -1)  # (B, K, C, N, 1)
-    return rows(near), rows(alpha)
+    return rows(near), rows(kernel_near), rows(alpha)
 
 
 def _calibration(exact_mass, kernel_mass):

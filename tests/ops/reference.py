@@ -211,7 +211,8 @@ def hybrid_attention(
     Exact weights exp(s_ts − c_t) on the keys with |t − s| < window (causal: 0 ≤ t − s), c_t
     their largest score; the map's kernel φ(q_t)·φ(k_s) on the other visible keys, times
     α_t = Σ_window exp(s_ts − c_t) / Σ_window φ(q_t)·φ(k_s); decay γ^(t−s) on both; one
-    normaliser. Features as in causal mode (FAVOR++: ρ = `rho`, or its causal 2/√H).
+    normaliser. FAVOR++ with ρ = `rho`, or its causal 2/√H (non-causal FAVOR++ estimates ρ from
+    the data: compare it with a fixed `rho`).
     """
     query, key, value = (np.asarray(t, np.float64) for t in (query, key, value))
     if name == "softmax_optimal":
