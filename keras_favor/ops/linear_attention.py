@@ -740,83 +740,81 @@ def _hybrid(
         feature_map, q, k, v, projection_matrix, causal, key_mask, None
     )  # (B, N, L, ·); padded keys have zero features
     if causal:
-        q_feat, k_feat, v1 = (_to_heads_first(x) for x in (q_feat, k_feat, v1))  # (B, L, N, ·)
-        every = _causal_from_features(q_feat, k_feat, v1, finite, chunk_size, log_decay)
+        every = _causal_from_features(
+            *(_to_heads_first(x) for x in (q_feat, k_feat, v1)), finite, chunk_size, log_decay
+        )  # (B, T, N, D+1)
+        every = _to_heads_first(every)
     else:
-        every = ops.transpose(_non_causal(q_feat, k_feat, v1), (0, 2, 1, 3))  # (B, T, N, D+1)
-        q_feat, k_feat, v1 = (_to_heads_first(x) for x in (q_feat, k_feat, v1))
+        every = _non_causal(q_feat, k_feat, v1)  # (B, N, T, D+1)
     near, kernel_near, alpha = _local_softmax(
-        query, key, value, mask, q_feat, k_feat, v1, window, causal, log_decay
+        q, k, v, mask, q_feat, k_feat, v1, window, causal, log_decay
     )
-    return _normalise(near + alpha * (ops.cast(every, "float32") - kernel_near))
+    out = near + alpha * (ops.cast(every, "float32") - kernel_near)  # (B, N, T, D+1)
+    return _to_heads_first(_normalise(out))
 
 
-def _local_softmax(query, key, value, mask, q_feat, k_feat, v1, window, causal, log_decay):
+def _local_softmax(q, k, v, mask, q_feat, k_feat, v1, window, causal, log_decay):
     """The window's exact part, the kernel's part on the window and its calibration.
 
-    Returns, (B, T, N, ·) float32: Σ_s exp(q_t·k_s/√H − c_t)·γ^(t−s)·[v_s, 1] over keys with
-    |t − s| < window (causal: 0 <= t − s), c_t the largest of those scores, (B, T, N, D+1); the
-    same sum with the kernel's weights φ(q_t)·φ(k_s) on the value rows v1 (those of the linear
-    part); and α_t (B, T, N, 1), the window's exact mass Σ exp(·) over its kernel mass (0 when
-    the latter is 0). Blocks of `window` queries see the previous, their own and (bidirectional)
-    the next block of keys: O(L·window) time and memory. `mask` (B, S) float32 or None;
-    q_feat, k_feat, v1 (B, L, N, ·) as the linear part has them (v1's last column: each key's
-    scale, 1 without one).
+    q, k (B, N, L, H), v (B, N, L, D), q_feat, k_feat (B, N, L, F) and v1 (B, N, L, D+1) as the
+    linear part has them (v1's last column: each key's scale, 1 without one); `mask` (B, S)
+    float32 or None. Returns, (B, N, T, ·) float32: Σ_s exp(q_t·k_s/√H − c_t)·γ^(t−s)·[v_s, 1]
+    over keys with |t − s| < window (causal: 0 <= t − s), c_t the largest of those scores,
+    (B, N, T, D+1); the same sum with the kernel's weights φ(q_t)·φ(k_s) on the value rows v1;
+    and α_t (B, N, T, 1), the window's exact mass over its kernel mass (0 when the latter is 0).
+    Blocks of `window` queries see the previous, their own and (bidirectional) the next block of
+    keys: O(L·window) time and memory, as batched matmuls.
     """
-    batch = ops.shape(query)[0]
-    length = query.shape[1] if query.shape[1] is not None else ops.shape(query)[1]
-    heads, key_dim = query.shape[2], query.shape[3]
+    batch, heads = ops.shape(q)[0], q.shape[1]
+    length = q.shape[2] if q.shape[2] is not None else ops.shape(q)[2]
     num_blocks = (length + window - 1) // window
     pad = num_blocks * window - length
 
-    def blocks(x):  # (B, L, N, W) -> (B, K, C, N, W), zeros past the end
-        x = ops.pad(ops.cast(x, "float32"), [[0, 0], [0, pad], [0, 0], [0, 0]])
-        return ops.reshape(x, (batch, num_blocks, window, heads, x.shape[-1]))
+    def blocks(x):  # (B, N', L, W) -> (B, N', K, C, W), zeros past the end
+        x = ops.pad(ops.cast(x, "float32"), [[0, 0], [0, 0], [0, pad], [0, 0]])
+        return ops.reshape(x, (batch, x.shape[1], num_blocks, window, x.shape[-1]))
 
-    def neighbours(x):  # (B, K, C, ·) -> (B, K, 2C or 3C, ·): previous, own (and next) block
-        zeros = ops.zeros_like(x[:, :1])
-        parts = [ops.concatenate([zeros, x[:, :-1]], axis=1), x]
+    def neighbours(x):  # (B, N', K, C, ·) -> (B, N', K, J, ·): previous, own (and next) block
+        zeros = ops.zeros_like(x[:, :, :1])
+        parts = [ops.concatenate([zeros, x[:, :, :-1]], axis=2), x]
         if not causal:
-            parts.append(ops.concatenate([x[:, 1:], zeros], axis=1))
-        return ops.concatenate(parts, axis=2)
+            parts.append(ops.concatenate([x[:, :, 1:], zeros], axis=2))
+        return ops.concatenate(parts, axis=3)
 
-    def heads_last(x):  # (B, K, J, N, 1) -> (B, K, N, 1, J)
-        return ops.transpose(x, (0, 1, 3, 4, 2))
+    def keys_of(x):  # (B, N', L, W) -> (B, N', K, W, J): the neighbours, transposed for matmul
+        return ops.swapaxes(neighbours(blocks(x)), -1, -2)
 
     if mask is None:
         mask = ops.ones((batch, length), dtype="float32")
-    real = neighbours(
-        blocks(ops.broadcast_to(ops.expand_dims(mask, (2, 3)), (batch, length, heads, 1)))
-    )  # (B, K, J, N, 1): 0 for padded keys and past the end
-    value_rows = ops.concatenate([neighbours(blocks(value)) * real, real], axis=-1)
+    real = keys_of(ops.expand_dims(mask, (1, 3)))  # (B, 1, K, 1, J): 0 for padded keys, the end
     width = 2 * window if causal else 3 * window
     lag = np.arange(window)[:, None] + window - np.arange(width)[None, :]  # t − s, (C, J)
     band = (lag >= 0) if causal else (lag > -window)
-    band &= lag < window
-    keep = ops.logical_and(band, heads_last(real) > 0)  # (B, K, N, C, J)
+    keep = ops.logical_and(band & (lag < window), real > 0)  # (B, 1, K, C, J)
 
-    q = blocks(query) * (1.0 / math.sqrt(key_dim))
-    scores = ops.einsum("bkqnh,bkjnh->bknqj", q, neighbours(blocks(key)))  # (B, K, N, C, J)
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    scores = ops.matmul(blocks(q) * scale, keys_of(k))  # (B, N, K, C, J)
     top = ops.max(ops.where(keep, scores, -np.inf), axis=-1, keepdims=True)
     top = ops.where(ops.isfinite(top), top, 0.0)  # a query with no key in its window
     exact = ops.where(keep, ops.exp(ops.where(keep, scores, top) - top), 0.0)
-    kernel = ops.einsum("bkqnf,bkjnf->bknqj", blocks(q_feat), neighbours(blocks(k_feat)))
-    kernel = ops.where(keep, kernel, 0.0)
-    v1 = neighbours(blocks(v1))  # (B, K, J, N, D+1)
+    kernel = ops.where(keep, ops.matmul(blocks(q_feat), keys_of(k_feat)), 0.0)
+    v1 = neighbours(blocks(v1))  # (B, N, K, J, D+1)
+    key_scale = ops.swapaxes(v1[..., -1:], -1, -2)  # (B, N, K, 1, J)
     alpha = _calibration(
-        ops.sum(exact, axis=-1), ops.sum(kernel * heads_last(v1[..., -1:]), axis=-1)
-    )  # (B, K, N, C)
+        ops.sum(exact, axis=-1, keepdims=True), ops.sum(kernel * key_scale, -1, keepdims=True)
+    )  # (B, N, K, C, 1)
     if log_decay is not None:
-        decay = ops.exp(ops.reshape(log_decay, (-1, 1, 1)) * lag.astype("float32"))
+        decay = ops.exp(ops.reshape(log_decay, (-1, 1, 1, 1)) * lag.astype("float32"))
         exact, kernel = exact * decay, kernel * decay
-    near = ops.einsum("bknqj,bkjnd->bkqnd", exact, value_rows)  # (B, K, C, N, D+1)
-    kernel_near = ops.einsum("bknqj,bkjnd->bkqnd", kernel, v1)
+    value_rows = neighbours(blocks(_with_ones_column(v)))  # (B, N, K, J, D+1)
+    value_rows = value_rows * ops.swapaxes(real, -1, -2)  # padded keys' rows 0, ones column too
+    near = ops.matmul(exact, value_rows)  # (B, N, K, C, D+1)
+    kernel_near = ops.matmul(kernel, v1)
 
-    def rows(x):  # (B, K, C, N, W) -> (B, T, N, W)
-        x = ops.reshape(x, (batch, num_blocks * window, heads, x.shape[-1]))
-        return x if isinstance(pad, int) and pad == 0 else x[:, :length]
+    def rows(x):  # (B, N, K, C, W) -> (B, N, T, W)
+        x = ops.reshape(x, (batch, heads, num_blocks * window, x.shape[-1]))
+        return x if isinstance(pad, int) and pad == 0 else x[:, :, :length]
 
-    alpha = ops.expand_dims(ops.transpose(alpha, (0, 1, 3, 2)), -1)  # (B, K, C, N, 1)
     return rows(near), rows(kernel_near), rows(alpha)
 
 
