@@ -46,8 +46,10 @@ FAVOR only: softmax attention has no state to decay), and rotary positions (``ro
 After ``exact`` has trained, it is also converted (row ``exact_to_hedgehog``): `to_favor` swaps
 its `MultiHeadAttention` layers for `FavorAttention` with the learnable map and the same weights,
 and `attention_transfer` trains only the maps, for `convert_steps` steps (10 % of `steps` by
-default), to reproduce each softmax layer's output. Its validation bits per byte are compared
-with those of the softmax model it came from.
+default), to reproduce each softmax layer's output. Rows ``exact_to_hedgehog_window4`` and
+``exact_to_hedgehog_window16`` convert it the same way with an exact window over the last 4 or
+16 bytes (`local_window`, `--convert-local-windows`). Their validation bits per byte are
+compared with those of the softmax model they came from.
 
 Writes, to `--output-dir` (default `examples/results/char_lm/`): `results.md` (a markdown table of
 validation bits per byte, training time and parameters), `results.csv`, `results.json` (with the

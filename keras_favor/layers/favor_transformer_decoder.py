@@ -51,8 +51,8 @@ class FavorTransformerDecoder(FavorBlockBase):
             `dropout` drops attention probabilities (as in `MultiHeadAttention`), and there is
             no streaming decoding (`get_initial_state` and `step` raise a ValueError).
         local_window: None (default) or a positive int w: the self-attention is exact softmax
-            over neighbours (|t − s| < w) and FAVOR beyond (see `FavorAttention`); needs
-            `attention_type="favor"` and a map with a fixed-scale kernel (e.g. `"hedgehog"`).
+            over neighbours (|t − s| < w) and the feature map beyond them (see
+            `FavorAttention`); needs `attention_type="favor"`.
         decay: a per-head decay of the causal self-attention's state (see `FavorAttention`):
             None (default), `"retnet"`, one number in (0, 1] or a list of `num_heads` of them.
             Needs `attention_type="favor"`; calling the block with `use_causal_mask=False`

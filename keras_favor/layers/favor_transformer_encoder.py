@@ -45,8 +45,8 @@ class FavorTransformerEncoder(FavorBlockBase):
             pretrained BERT-style model converts to one); the FAVOR options are then unused and
             `dropout` drops attention probabilities, as in `MultiHeadAttention`.
         local_window: None (default) or a positive int w: the self-attention is exact softmax
-            over neighbours (|t − s| < w) and FAVOR beyond (see `FavorAttention`); needs
-            `attention_type="favor"` and a map with a fixed-scale kernel (e.g. `"hedgehog"`).
+            over neighbours (|t − s| < w) and the feature map beyond them (see
+            `FavorAttention`); needs `attention_type="favor"`.
         **kwargs: standard `keras.layers.Layer` arguments (`name`, `dtype`, ...).
 
     Call arguments:

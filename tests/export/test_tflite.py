@@ -143,13 +143,20 @@ def _check_decoder_exports(model, ids, tmp_path):
     return runner
 
 
-def test_decay_and_causal_conv_language_model(tmp_path):
-    """Decayed state, causal convolution (its buffer in the state), RoPE and left padding:
-    `.keras` bit-exact, SavedModel and builtin-only TFLite, full forward and decode steps."""
+@pytest.mark.parametrize(
+    "block_kwargs, num_states",
+    [
+        (dict(decay="retnet", causal_conv_kernel_size=3), 6),  # per block S, z, conv inputs
+        (dict(local_window=3, feature_map="hedgehog"), 10),  # and the window's keys and values
+    ],
+    ids=["decay_conv", "local_window_hedgehog"],
+)
+def test_long_context_options_language_model(tmp_path, block_kwargs, num_states):
+    """A decayed state with a causal convolution, or an exact local window with a learnable map
+    (and the default convolution), with RoPE and left padding: `.keras` bit-exact, SavedModel and
+    builtin-only TFLite, full forward and decode steps (every state array a signature tensor)."""
 
-    model = language_model(
-        position=None, rotary=True, mask_zero=True, decay="retnet", causal_conv_kernel_size=3
-    )
+    model = language_model(position=None, rotary=True, mask_zero=True, **block_kwargs)
     ids = random_ids(2, 7, seed=5)
     ids[1, :2] = 0  # left padding
     model(ids)
@@ -163,25 +170,9 @@ def test_decay_and_causal_conv_language_model(tmp_path):
     np.testing.assert_array_equal(_np(keras.saving.load_model(tmp_path / "lm.keras")(ids)), want)
     runner = _check_decoder_exports(model, ids, tmp_path)
     inputs, _ = runner.signature("decode_step")
-    assert sorted(inputs) == ["position"] + [f"state_{i}" for i in range(6)] + ["token_ids"]
-
-
-def test_local_window_hedgehog_language_model(tmp_path):
-    """The exact local window with a learnable map, RoPE and left padding: `.keras` bit-exact,
-    SavedModel and builtin-only TFLite, full forward and decode steps (the window's last keys
-    and values in the state)."""
-
-    model = language_model(
-        position=None, rotary=True, mask_zero=True, local_window=3, feature_map="hedgehog"
-    )
-    ids = random_ids(2, 8, seed=6)
-    ids[1, :2] = 0  # left padding
-    want = _np(model(ids))
-    model.save(tmp_path / "lm.keras")
-    np.testing.assert_array_equal(_np(keras.saving.load_model(tmp_path / "lm.keras")(ids)), want)
-    runner = _check_decoder_exports(model, ids, tmp_path)
-    inputs, _ = runner.signature("decode_step")
-    assert sorted(inputs) == ["position"] + [f"state_{i}" for i in range(10)] + ["token_ids"]
+    assert sorted(inputs) == ["position"] + [f"state_{i}" for i in range(num_states)] + [
+        "token_ids"
+    ]
 
 
 def _attention_decode(model):

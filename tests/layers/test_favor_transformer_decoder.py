@@ -439,17 +439,9 @@ def perturbed_conv(decoder, seed=0):
     conv.bias.assign(np.random.default_rng(seed + 1).normal(size=conv.bias.shape))
 
 
-@pytest.mark.parametrize(
-    "kwargs",
-    [
-        {"decay": "retnet", "causal_chunk_size": 3},
-        {"causal_conv_kernel_size": 3, "causal_chunk_size": 4},
-        {"decay": [0.6, 0.99], "causal_conv_kernel_size": 4, "use_rotary_embedding": True},
-        {"decay": 0.8, "causal_conv_kernel_size": 2, "normalize_first": True},
-    ],
-    ids=["decay", "conv", "decay_conv_rope", "decay_conv_prenorm"],
-)
-def test_decay_and_conv_step_equals_call(kwargs):
+def streamed(kwargs):
+    """A decoder with `kwargs` (random convolution filters) whose every `step` equals its full
+    call at that position, with a state of fixed size; returns it and its state's shapes."""
     decoder = FavorTransformerDecoder(**{**SMALL, **kwargs})
     x = data(2, 9, 8)
     decoder(x)
@@ -462,6 +454,21 @@ def test_decay_and_conv_step_equals_call(kwargs):
         out, state = decoder.step(x[:, t], state, position=t)
         np.testing.assert_allclose(to_numpy(out), full[:, t], atol=1e-5, rtol=0)
         assert [tuple(s.shape) for s in state] == shapes  # fixed size
+    return decoder, shapes
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"decay": "retnet", "causal_chunk_size": 3},
+        {"causal_conv_kernel_size": 3, "causal_chunk_size": 4},
+        {"decay": [0.6, 0.99], "causal_conv_kernel_size": 4, "use_rotary_embedding": True},
+        {"decay": 0.8, "causal_conv_kernel_size": 2, "normalize_first": True},
+    ],
+    ids=["decay", "conv", "decay_conv_rope", "decay_conv_prenorm"],
+)
+def test_decay_and_conv_step_equals_call(kwargs):
+    decoder, shapes = streamed(kwargs)
     conv = kwargs.get("causal_conv_kernel_size", 4)  # 4: the default
     assert shapes[2:] == ([] if conv is None else [(2, conv - 1, 8)])
 
@@ -545,21 +552,10 @@ def test_convolution_by_default_and_configs_saved_without_it_load_without_it():
     ids=["hedgehog_conv", "rope_decay_conv", "elu_noconv"],
 )
 def test_local_window_step_equals_call(kwargs):
-    decoder = FavorTransformerDecoder(**{**SMALL, **kwargs})
-    x = data(2, 9, 8)
-    decoder(x)
-    if decoder._causal_conv is not None:
-        perturbed_conv(decoder)
-    full = to_numpy(decoder(x))
-    state = decoder.get_initial_state(2)
-    shapes = [tuple(s.shape) for s in state]
+    decoder, shapes = streamed(kwargs)
     window = kwargs["local_window"]
     assert shapes[2:4] == [(2, 2, window, 4), (2, 2, window, 5)]  # last keys, values + 1
     assert len(shapes) == 4 + (decoder._causal_conv is not None)
-    for t in range(9):
-        out, state = decoder.step(x[:, t], state, position=t)
-        np.testing.assert_allclose(to_numpy(out), full[:, t], atol=1e-5, rtol=0)
-        assert [tuple(s.shape) for s in state] == shapes  # fixed size
 
 
 @pytest.mark.parametrize("left", [False, True])
