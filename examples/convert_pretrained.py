@@ -196,6 +196,41 @@ def stdlib_sentences(num_sentences):
     )
 
 
+def stdlib_passages(num_passages, min_words=90):
+    """`num_passages` long texts: whole docstrings of at least `min_words` words, whitespace
+    normalised, from every module of the Python standard library outside test packages and
+    site-packages. Deterministic for a given Python version: files in sorted order, duplicates
+    dropped, then shuffled with seed 0. Tokenized with `max_length=256` they average about 200
+    tokens, where a local window of a few tokens is a small share of the attention pairs.
+    """
+    root = sysconfig.get_paths()["stdlib"]
+    paths = []
+    for directory, _, files in os.walk(root):
+        if "site-packages" in directory or "test" in directory:
+            continue
+        paths += [os.path.join(directory, name) for name in files if name.endswith(".py")]
+    passages = set()
+    for path in sorted(paths):
+        try:
+            with open(path, encoding="utf-8") as f:
+                tree = ast.parse(f.read())
+        except (SyntaxError, UnicodeDecodeError, ValueError):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef)):
+                doc = ast.get_docstring(node)
+                if doc and doc.isascii() and len(doc.split()) >= min_words:
+                    passages.add(" ".join(doc.split()))
+    passages = sorted(passages)
+    np.random.default_rng(0).shuffle(passages)
+    if len(passages) < num_passages:
+        raise ValueError(
+            f"The standard library gave only {len(passages)} passages of {min_words}+ words. "
+            f"Received: num_passages={num_passages}"
+        )
+    return passages[:num_passages]
+
+
 # ---------------------------------------------------------------------------------------------
 # The model.
 
