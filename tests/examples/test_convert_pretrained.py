@@ -165,6 +165,15 @@ def test_stdlib_sentences_are_deterministic_and_distinct():
     assert all(s.endswith(".") and 4 <= len(s.split()) <= 24 for s in first)
 
 
+def test_stdlib_passages_are_long_and_distinct():
+    # Each call parses the whole standard library (seconds): one call, and one that fails.
+    first = cp.stdlib_passages(8)
+    assert len(set(first)) == 8
+    assert all(len(p.split()) >= 90 and "  " not in p and "\n" not in p for p in first)
+    with pytest.raises(ValueError, match=r"only \d+ passages of 100000\+ words"):
+        cp.stdlib_passages(1, min_words=100_000)
+
+
 def test_neighbour_agreement():
     rng = np.random.default_rng(0)
     a = rng.normal(size=(20, 8))
