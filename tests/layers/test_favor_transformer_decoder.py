@@ -546,8 +546,15 @@ def test_convolution_by_default_and_configs_saved_without_it_load_without_it():
     "kwargs",
     [
         {"local_window": 3, "feature_map": "hedgehog", "causal_chunk_size": 2},
-        {"local_window": 1, "use_rotary_embedding": True, "decay": "retnet"},
-        {"local_window": 4, "feature_map": "elu", "causal_conv_kernel_size": None},
+        # The JAX pass (compiling every shape) runs the first; TensorFlow all of them.
+        pytest.param(
+            {"local_window": 1, "use_rotary_embedding": True, "decay": "retnet"},
+            marks=pytest.mark.heavy,
+        ),
+        pytest.param(
+            {"local_window": 4, "feature_map": "elu", "causal_conv_kernel_size": None},
+            marks=pytest.mark.heavy,
+        ),
     ],
     ids=["hedgehog_conv", "rope_decay_conv", "elu_noconv"],
 )
@@ -569,6 +576,7 @@ def test_local_window_padding_equals_truncation(left):
     np.testing.assert_allclose(out[:, real], to_numpy(decoder(x[:, real])), atol=1e-5, rtol=0)
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("use_rotary_embedding", [False, True])
 def test_a_window_covering_the_sequence_equals_the_softmax_block(use_rotary_embedding):
     kwargs = dict(SMALL, use_rotary_embedding=use_rotary_embedding)
