@@ -942,7 +942,6 @@ def favor_attention_step(
 def _windowed_step(query, key, value, state, feature_map, projection_matrix, log_decay, window):
     """`favor_attention_step` with a local window: the state is (S, z, K, V1)."""
     s_state, z_state, keys, values = state
-    _check_state(s_state, z_state, tuple(s_state.shape), feature_map)
     expected = {
         "K": (keys, (*query.shape[:2], window, query.shape[-1])),
         "V1": (values, (*query.shape[:2], window, value.shape[-1] + 1)),
@@ -959,6 +958,9 @@ def _windowed_step(query, key, value, state, feature_map, projection_matrix, log
     keys = ops.concatenate([keys, k], axis=2)  # positions t − window .. t
     values = ops.concatenate([values, v1], axis=2)
     q_feat, k_feat = feature_map(q, keys, projection_matrix, causal=True)  # (B, N, w+1, F)
+    _check_state(
+        s_state, z_state, (*query.shape[:2], k_feat.shape[-1], value.shape[-1]), feature_map
+    )
     # The oldest key (t − window) leaves the window and enters the state, weighted γ^window.
     seen = values[:, :, :, -1:]  # (B, N, w+1, 1): 1 for keys seen, 0 for empty slots
     leaving = ops.transpose(k_feat[:, :, :1] * seen[:, :, :1], (0, 1, 3, 2))  # (B, N, F, 1)
