@@ -47,6 +47,7 @@ Every setting is an argument of `main` (and a command-line option: `--help`).
 
 import argparse
 import ast
+import functools
 import json
 import math
 import os
@@ -196,20 +197,17 @@ def stdlib_sentences(num_sentences):
     )
 
 
-def stdlib_passages(num_passages, min_words=90):
-    """`num_passages` long texts: whole docstrings of at least `min_words` words, whitespace
-    normalised, from every module of the Python standard library outside test packages and
-    site-packages. Deterministic for a given Python version: files in sorted order, duplicates
-    dropped, then shuffled with seed 0. Tokenized with `max_length=256` they average about 200
-    tokens, where a local window of a few tokens is a small share of the attention pairs.
-    """
+@functools.lru_cache(maxsize=1)
+def _stdlib_docstrings():
+    """Every ASCII docstring (module, class, function) of the standard library outside test
+    packages and site-packages, whitespace normalised: a tuple, parsed once per process."""
     root = sysconfig.get_paths()["stdlib"]
     paths = []
     for directory, _, files in os.walk(root):
         if "site-packages" in directory or "test" in directory:
             continue
         paths += [os.path.join(directory, name) for name in files if name.endswith(".py")]
-    passages = set()
+    docs = []
     for path in sorted(paths):
         try:
             with open(path, encoding="utf-8") as f:
@@ -219,8 +217,19 @@ def stdlib_passages(num_passages, min_words=90):
         for node in ast.walk(tree):
             if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef)):
                 doc = ast.get_docstring(node)
-                if doc and doc.isascii() and len(doc.split()) >= min_words:
-                    passages.add(" ".join(doc.split()))
+                if doc and doc.isascii():
+                    docs.append(" ".join(doc.split()))
+    return tuple(docs)
+
+
+def stdlib_passages(num_passages, min_words=90):
+    """`num_passages` long texts: whole docstrings of at least `min_words` words, whitespace
+    normalised, from every module of the Python standard library outside test packages and
+    site-packages. Deterministic for a given Python version: files in sorted order, duplicates
+    dropped, then shuffled with seed 0. Tokenized with `max_length=256` they average about 200
+    tokens, where a local window of a few tokens is a small share of the attention pairs.
+    """
+    passages = {doc for doc in _stdlib_docstrings() if len(doc.split()) >= min_words}
     passages = sorted(passages)
     np.random.default_rng(0).shuffle(passages)
     if len(passages) < num_passages:

@@ -166,7 +166,7 @@ def test_stdlib_sentences_are_deterministic_and_distinct():
 
 
 def test_stdlib_passages_are_long_and_distinct():
-    # Each call parses the whole standard library (seconds): one call, and one that fails.
+    # The first call parses the whole standard library (seconds); the second reuses the parse.
     first = cp.stdlib_passages(8)
     assert len(set(first)) == 8
     assert all(len(p.split()) >= 90 and "  " not in p and "\n" not in p for p in first)
