@@ -26,9 +26,10 @@ and `tokenizers`; see `examples/convert_pretrained.py`). One run:
    training, and Hedgehog (F' = `--window-feature-dim`) after the same attention transfer, with
    the share of (query, key) pairs the window covers on these short sentences.
 6. `--long-inputs` (a separate run): the same conversion on long texts, 128 held-out
-   standard-library docstrings of about 200 tokens, the maps transferred on 320 others, alone
-   and with windows of 8 and 32, where the map carries most of the attention pairs
-   (benchmarks/results/pretrained_compat_long.json; about 15 minutes).
+   standard-library docstrings of about 200 tokens, the maps (F' = 256) transferred for 8
+   epochs on 320 others, alone and with windows of 8 and 32, where the map carries most of the
+   attention pairs; for the map alone, also the figures with the map in one block only, block
+   by block (benchmarks/results/pretrained_compat_long.json; about an hour).
 
 Prints a table and writes benchmarks/results/pretrained_compat.json and pretrained_compat.png.
 
@@ -57,7 +58,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.common import RESULTS_DIR, run_info, write_json  # noqa: E402
 from examples import convert_pretrained as cp  # noqa: E402
-from keras_favor import feature_maps  # noqa: E402
+from keras_favor import FavorAttention, feature_maps  # noqa: E402
 from keras_favor.convert import to_favor  # noqa: E402
 from keras_favor.feature_maps import Hedgehog  # noqa: E402
 
@@ -128,9 +129,11 @@ def favor_model(config, weights, feature_map, num_random_features, seed):
     return model
 
 
-def hedgehog_transfer(label, options, exact_model, evaluation, training, args, local_window=None):
+def hedgehog_transfer(
+    label, options, exact_model, evaluation, training, args, local_window=None, per_block=False
+):
     """to_favor with Hedgehog(**options) (and an exact `local_window`), attention transfer on
-    `training`, held-out figures."""
+    `training`, held-out figures (with `per_block`, also `one_block_converted`)."""
     eval_ids, eval_mask, exact_eval = evaluation
     train_ids, train_mask = training
     start = to_favor(
@@ -173,12 +176,17 @@ def hedgehog_transfer(label, options, exact_model, evaluation, training, args, l
         "heldout_after": after,
     }
     print(f"hedgehog ({label}): {before} -> {after} ({seconds:.0f} s)", flush=True)
+    if per_block:
+        row["one_block_converted"] = one_block_converted(model, evaluation)
     return row
 
 
-# `--long-inputs`: (held out, transfer) passages, and the windows converted with.
+# `--long-inputs`: (held out, transfer) passages, the windows converted with, Hedgehog's F' and
+# the transfer epochs (on long texts the map gains from both, unlike on the short sentences).
 LONG_PASSAGES = (128, 320)
 LONG_WINDOWS = (None, 8, 32)
+LONG_FEATURE_DIM = 256
+LONG_TRANSFER_EPOCHS = 8
 
 
 def long_inputs(args):
@@ -189,6 +197,7 @@ def long_inputs(args):
     config, weights = cp.load_pretrained(model_dir)
     tokenizer = cp.load_tokenizer(model_dir, MAX_LENGTH)
     num_eval, num_train = (16, 24) if args.quick else LONG_PASSAGES
+    args.transfer_epochs = 1 if args.quick else LONG_TRANSFER_EPOCHS
     passages = cp.stdlib_passages(num_eval + num_train)
     eval_ids, eval_mask = cp.tokenize(tokenizer, passages[:num_eval])
     train_ids, train_mask = cp.tokenize(tokenizer, passages[num_eval:])
@@ -198,10 +207,17 @@ def long_inputs(args):
     evaluation, training = (eval_ids, eval_mask, exact_eval), (train_ids, train_mask)
     rows = []
     for window in LONG_WINDOWS:
-        options = {**HEDGEHOG, "feature_dim": args.window_feature_dim}
+        options = {**HEDGEHOG, "feature_dim": LONG_FEATURE_DIM}
         label = "map alone" if window is None else f"window {window}"
         row = hedgehog_transfer(
-            label, options, exact_model, evaluation, training, args, local_window=window
+            label,
+            options,
+            exact_model,
+            evaluation,
+            training,
+            args,
+            local_window=window,
+            per_block=window is None,
         )
         row["pairs_in_window"] = 0.0 if window is None else pairs_in_window(eval_mask, window)
         rows.append(row)
@@ -216,7 +232,7 @@ def long_inputs(args):
             transfer_epochs=args.transfer_epochs,
             transfer_batch_size=args.transfer_batch_size,
             transfer_learning_rate=args.transfer_learning_rate,
-            feature_dim=args.window_feature_dim,
+            feature_dim=LONG_FEATURE_DIM,
             quick=args.quick,
         ),
         "conversions": rows,
@@ -233,6 +249,27 @@ def long_inputs(args):
     if not args.quick:
         print("wrote", write_json("pretrained_compat_long", results))
     return results
+
+
+def one_block_converted(model, evaluation):
+    """Held-out figures of `model` with the map in one block only, for each block: the other
+    blocks' attention made exact by a local window longer than the texts (a window covering the
+    sequence is exact softmax, a tested identity). Says which blocks' conversion costs most."""
+    eval_ids, eval_mask, exact_eval = evaluation
+    layers = [layer for layer in model._flatten_layers() if isinstance(layer, FavorAttention)]
+    windows = [layer.local_window for layer in layers]
+    rows = []
+    try:
+        for index in range(len(layers)):
+            for other, (layer, window) in enumerate(zip(layers, windows)):
+                layer.local_window = window if other == index else eval_mask.shape[1]
+            rows.append(cp.compare(exact_eval, cp.embed(model, eval_ids, eval_mask, batch_size=16)))
+    finally:
+        for layer, window in zip(layers, windows):
+            layer.local_window = window
+    for index, row in enumerate(rows):
+        print(f"  only block {index} converted: {row}", flush=True)
+    return rows
 
 
 def pairs_in_window(padding_mask, window):
