@@ -197,7 +197,8 @@ def long_inputs(args):
     config, weights = cp.load_pretrained(model_dir)
     tokenizer = cp.load_tokenizer(model_dir, MAX_LENGTH)
     num_eval, num_train = (16, 24) if args.quick else LONG_PASSAGES
-    args.transfer_epochs = 1 if args.quick else LONG_TRANSFER_EPOCHS
+    if args.transfer_epochs is None:
+        args.transfer_epochs = 1 if args.quick else LONG_TRANSFER_EPOCHS
     passages = cp.stdlib_passages(num_eval + num_train)
     eval_ids, eval_mask = cp.tokenize(tokenizer, passages[:num_eval])
     train_ids, train_mask = cp.tokenize(tokenizer, passages[num_eval:])
@@ -451,7 +452,12 @@ def main(argv=None):
     parser.add_argument("--finetune-epochs", type=int, default=4)
     parser.add_argument("--learning-rate", type=float, default=1e-4)
     parser.add_argument("--redraw-every-n-steps", type=int, default=8)
-    parser.add_argument("--transfer-epochs", type=int, default=4)
+    parser.add_argument(
+        "--transfer-epochs",
+        type=int,
+        default=None,
+        help=f"epochs of attention transfer (default 4; with --long-inputs {LONG_TRANSFER_EPOCHS})",
+    )
     parser.add_argument("--transfer-batch-size", type=int, default=8)
     parser.add_argument("--transfer-learning-rate", type=float, default=1e-2)
     parser.add_argument(
@@ -487,6 +493,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.long_inputs:
         return long_inputs(args)
+    if args.transfer_epochs is None:
+        args.transfer_epochs = 4
     if args.replot:
         with open(os.path.join(RESULTS_DIR, "pretrained_compat.json")) as f:
             results = json.load(f)
