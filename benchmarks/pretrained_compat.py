@@ -60,6 +60,7 @@ from benchmarks.common import RESULTS_DIR, run_info, write_json  # noqa: E402
 from examples import convert_pretrained as cp  # noqa: E402
 from keras_favor import FavorAttention, feature_maps  # noqa: E402
 from keras_favor.convert import to_favor  # noqa: E402
+from keras_favor.convert.attention_transfer import attention_layers  # noqa: E402
 from keras_favor.feature_maps import Hedgehog  # noqa: E402
 
 FEATURE_MAPS = ("softmax_positive", "softmax_hyperbolic", "softmax_optimal", "relu")
@@ -257,7 +258,7 @@ def one_block_converted(model, evaluation):
     blocks' attention made exact by a local window longer than the texts (a window covering the
     sequence is exact softmax, a tested identity). Says which blocks' conversion costs most."""
     eval_ids, eval_mask, exact_eval = evaluation
-    layers = [layer for layer in model._flatten_layers() if isinstance(layer, FavorAttention)]
+    layers = attention_layers(model, FavorAttention)
     windows = [layer.local_window for layer in layers]
     rows = []
     try:
