@@ -207,9 +207,9 @@ def long_inputs(args):
     cp.load_bert_weights(exact_model, weights, config)
     exact_eval = cp.embed(exact_model, eval_ids, eval_mask, batch_size=16)
     evaluation, training = (eval_ids, eval_mask, exact_eval), (train_ids, train_mask)
+    options = {**HEDGEHOG, "feature_dim": LONG_FEATURE_DIM}
     rows = []
     for window in LONG_WINDOWS:
-        options = {**HEDGEHOG, "feature_dim": LONG_FEATURE_DIM}
         label = "map alone" if window is None else f"window {window}"
         row = hedgehog_transfer(
             label,
