@@ -78,7 +78,7 @@ def run_config(name, steps, bytes_per_step, long_length, num_sequences, seed, ve
         bytes_per_step // sequence_length,
         sequence_length,
         epochs=1,
-        redraw_every=max(1, steps * 4 // 15),  # the quickstart's redraws: 400 of 1500 steps
+        redraw_every=max(1, steps * 4 // 15),  # 3 redraws, at 4/15 of the steps and multiples
         validation_windows=64,
         seed=seed,
         verbose=verbose,

@@ -17,8 +17,8 @@ What it does:
    reaches and longer training windows: it is the configuration whose loss on long sequences
    is below that of the same bytes cut into 256-byte windows.
 3. Trains it with Keras `fit` (progress bars) on 256-byte windows, with `RedrawRandomFeatures`
-   redrawing the random features of every FAVOR layer every few hundred steps; reports
-   validation bits per byte.
+   redrawing the random features of every FAVOR layer halfway through training (the second half
+   settles on the final draw); reports validation bits per byte.
 4. Saves the `.keras` model and exports a SavedModel in the TF Serving layout
    (`saved_models/quickstart/1/`, signatures `serving_default`, `initial_state`, `decode_step`)
    and a builtin-ops-only TFLite model (`saved_models/quickstart.tflite`).
@@ -383,7 +383,7 @@ def main(
     causal_conv_kernel_size=4,
     rotary=False,
     learning_rate=2e-3,
-    redraw_every=400,
+    redraw_every=750,
     validation_windows=64,
     long_steps=0,
     long_sequence_length=2048,
@@ -419,8 +419,10 @@ def main(
         rotary: rotary position embeddings (RoPE) in every block.
         learning_rate: peak learning rate (linear warm-up, cosine decay).
         redraw_every: redraw the random features every this many steps (0 or None: never).
-            The default leaves the last few hundred steps to settle on the final features
-            (redraws before steps 400, 800 and 1200 of 1500, counted from 0).
+            The default redraws once, before step 750 of 1500 (counted from 0), and leaves the
+            second half to settle on the final features: a redraw costs what the steps after it
+            cannot recover, so late redraws cost most (docs/examples.md has the schedules
+            measured).
         validation_windows: how many validation windows (spread over the split) the bits per
             byte use.
         long_steps, long_sequence_length: a last epoch of `long_steps` steps on windows of
