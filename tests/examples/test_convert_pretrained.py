@@ -51,6 +51,7 @@ def test_main_on_a_handful_of_sentences():
         finetune_epochs=1,
         holdout_fraction=0.25,
         transfer_epochs=2,
+        transfer_feature_dim=16,
         transfer_batch_size=3,
         transfer_finetune_epochs=1,
         batch_size=3,
@@ -72,7 +73,8 @@ def test_main_on_a_handful_of_sentences():
     assert math.isfinite(finetune["heldout_after"]["mean_cosine"])
     transfer = results["transfer"]
     assert transfer["train_sentences"] == 6 and transfer["heldout_sentences"] == 2
-    assert transfer["feature_map"] == "hedgehog" and len(transfer["train_loss"]) == 2
+    assert transfer["feature_map"] == "hedgehog" and transfer["feature_dim"] == 16
+    assert len(transfer["train_loss"]) == 2
     assert transfer["train_loss"][1] < transfer["train_loss"][0]
     for key in ("heldout_after", "heldout_after_finetune"):
         assert 0.4 < transfer[key]["mean_cosine"] <= 1.0, transfer
@@ -190,5 +192,7 @@ def test_parse_args():
     args = cp.parse_args(["--transfer-epochs", "3", "--transfer-learning-rate", "0.03"])
     assert args.transfer_epochs == 3 and args.transfer_learning_rate == 0.03
     assert args.transfer_feature_map == "hedgehog" and args.transfer_finetune_epochs == 0
+    assert args.transfer_feature_dim == 256
+    assert cp.parse_args(["--transfer-feature-dim", "64"]).transfer_feature_dim == 64
     assert args.transfer_local_window is None
     assert cp.parse_args(["--transfer-local-window", "4"]).transfer_local_window == 4
