@@ -824,16 +824,13 @@ def main(
         }
 
     if transfer_epochs > 0:
+        feature_dim = transfer_feature_dim if transfer_feature_map == "hedgehog" else None
         keras.utils.set_random_seed(seed)
         converted, history = transfer(
             exact_model,
             token_ids[train],
             padding_mask[train],
-            feature_map=(
-                Hedgehog(feature_dim=transfer_feature_dim)
-                if transfer_feature_map == "hedgehog"
-                else transfer_feature_map
-            ),
+            feature_map=Hedgehog(feature_dim=feature_dim) if feature_dim else transfer_feature_map,
             epochs=transfer_epochs,
             batch_size=transfer_batch_size,
             learning_rate=transfer_learning_rate,
@@ -842,7 +839,7 @@ def main(
         )
         results["transfer"] = {
             "feature_map": transfer_feature_map,
-            "feature_dim": transfer_feature_dim if transfer_feature_map == "hedgehog" else None,
+            "feature_dim": feature_dim,
             "train_sentences": count - holdout,
             "heldout_sentences": holdout,
             "epochs": transfer_epochs,
